@@ -1,0 +1,151 @@
+"""The torch modules that become the four ONNX graphs, one wrapper per graph.
+
+The vision encoder, embedding and text encoder wrap the checkpoint's own modules. The decoder is
+written out against the checkpoint's BART weights so that its key/value cache is plain tensors
+in and out (the layout onnx-community and optimum use), with no `transformers` cache object to
+trace through. Validation compares every wrapper with `transformers` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    layers: int
+    heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model) -> DecoderShape:
+        text = model.config.text_config
+        return cls(text.decoder_layers, text.decoder_attention_heads, text.d_model // text.decoder_attention_heads)
+
+
+def past_names(n_layers: int, prefix: str = "past_key_values", with_encoder: bool = True) -> list[str]:
+    """Cache tensor names in graph order: per layer decoder key, value, then encoder key, value."""
+    kinds = ("decoder", "encoder") if with_encoder else ("decoder",)
+    return [f"{prefix}.{i}.{kind}.{kv}" for i in range(n_layers) for kind in kinds for kv in ("key", "value")]
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values [B,3,H,W] -> image_features [B,N,D]: DaViT plus the multi-modal projector."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values).pooler_output
+
+
+class EmbedTokens(nn.Module):
+    """input_ids [B,T] -> inputs_embeds [B,T,D], shared by the text encoder and the decoder."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.embed = model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+
+class TextEncoder(nn.Module):
+    """inputs_embeds [B,S,D] (image features then prompt embeddings), attention_mask [B,S] -> last_hidden_state."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.encoder = model.model.language_model.encoder
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+
+
+def _heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    batch, length, _ = x.shape
+    return x.view(batch, length, heads, head_dim).transpose(1, 2)
+
+
+def _attend(q, k, v, bias, scaling: float) -> torch.Tensor:
+    weights = torch.matmul(q, k.transpose(2, 3)) * scaling + bias
+    out = torch.matmul(torch.softmax(weights, dim=-1), v)
+    batch, heads, length, head_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+class Decoder(nn.Module):
+    """One BART decoder pass with an explicit key/value cache.
+
+    `with_past=False` (the first step): takes encoder_hidden_states, computes the cross-attention
+    K/V and returns them with the self-attention K/V. `with_past=True` (later steps): takes both
+    caches, returns logits and the grown self-attention K/V only.
+    """
+
+    def __init__(self, model, with_past: bool):
+        super().__init__()
+        bart = model.model.language_model.decoder
+        self.layers = bart.layers
+        self.embed_positions = bart.embed_positions
+        self.layernorm_embedding = bart.layernorm_embedding
+        self.lm_head = model.lm_head
+        self.shape = DecoderShape.of(model)
+        self.with_past = with_past
+        self.activation = self.layers[0].activation_fn
+
+    def forward(self, inputs_embeds, encoder_attention_mask, *rest):
+        n, h, d = self.shape.layers, self.shape.heads, self.shape.head_dim
+        min_value = torch.finfo(inputs_embeds.dtype).min
+        length = inputs_embeds.shape[1]
+        if self.with_past:
+            past = rest
+            past_length = past[0].shape[2]
+        else:
+            encoder_hidden_states = rest[0]
+            past_length = 0
+        positions = torch.arange(length, dtype=torch.long) + past_length + self.embed_positions.offset
+        hidden = self.layernorm_embedding(inputs_embeds + self.embed_positions.weight[positions])
+
+        total = past_length + length
+        query_pos = torch.arange(length).unsqueeze(1) + past_length
+        key_pos = torch.arange(total).unsqueeze(0)
+        causal = (key_pos > query_pos).to(hidden.dtype) * min_value
+        cross_bias = (1.0 - encoder_attention_mask.to(hidden.dtype))[:, None, None, :] * min_value
+
+        presents = []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q = _heads(attn.q_proj(hidden), h, d)
+            k = _heads(attn.k_proj(hidden), h, d)
+            v = _heads(attn.v_proj(hidden), h, d)
+            if self.with_past:
+                k = torch.cat([past[4 * i], k], dim=2)
+                v = torch.cat([past[4 * i + 1], v], dim=2)
+            hidden = layer.self_attn_layer_norm(hidden + attn.out_proj(_attend(q, k, v, causal, attn.scaling)))
+            presents += [k, v]
+
+            cross = layer.encoder_attn
+            q = _heads(cross.q_proj(hidden), h, d)
+            if self.with_past:
+                ck, cv = past[4 * i + 2], past[4 * i + 3]
+            else:
+                ck = _heads(cross.k_proj(encoder_hidden_states), h, d)
+                cv = _heads(cross.v_proj(encoder_hidden_states), h, d)
+                presents += [ck, cv]
+            attended = cross.out_proj(_attend(q, ck, cv, cross_bias, cross.scaling))
+            hidden = layer.encoder_attn_layer_norm(hidden + attended)
+
+            ffn = layer.fc2(self.activation(layer.fc1(hidden)))
+            hidden = layer.final_layer_norm(hidden + ffn)
+        return (self.lm_head(hidden), *presents)
+
+    def input_names(self) -> list[str]:
+        if self.with_past:
+            return ["inputs_embeds", "encoder_attention_mask", *past_names(self.shape.layers)]
+        return ["inputs_embeds", "encoder_attention_mask", "encoder_hidden_states"]
+
+    def output_names(self) -> list[str]:
+        return ["logits", *past_names(self.shape.layers, "present", with_encoder=not self.with_past)]

@@ -1,0 +1,81 @@
+"""The `flonnx` command. Each subcommand imports its stage only when it runs, so `--help` is quick
+and a missing extra is reported in one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from .errors import FlonnxError, MissingExtraError
+
+EXIT_ERROR = 2
+
+# Subcommand -> (module, the extra that provides it). Each module has add_arguments(parser) and main(args).
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "export": ("flonnx.export.cli", "export", "export a Florence-2 checkpoint to a validated ONNX folder"),
+}
+
+# Imports a stage needs, mapped to the extra that installs them.
+EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnxscript": "export", "onnx": "quantize"}
+
+
+def _load(module_name: str, extra: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").split(".")[0]
+        if missing in EXTRA_OF_MODULE:
+            raise MissingExtraError(extra, missing) from None
+        raise
+
+
+def _parser(add_arguments: Callable[[str, argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flonnx", description="Florence-2 on CPUs and devices through ONNX.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, _, summary) in SUBCOMMANDS.items():
+        add_arguments(name, commands.add_parser(name, help=summary, description=summary))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    modules = {}
+
+    def add_arguments(name: str, sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--debug", action="store_true", help="show tracebacks")
+        # Only the chosen subcommand's module is imported: the others stay unloaded.
+        if name in argv:
+            module_name, extra, _ = SUBCOMMANDS[name]
+            try:
+                modules[name] = _load(module_name, extra)
+            except MissingExtraError as error:
+                modules[name] = error
+                return
+            modules[name].add_arguments(sub)
+        else:
+            sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    try:
+        parser = _parser(add_arguments)
+        args = parser.parse_args(argv)
+        module = modules.get(args.command)
+        if isinstance(module, BaseException):
+            raise module
+        return int(module.main(args) or 0)
+    except FlonnxError as error:
+        if debug:
+            raise
+        print(f"flonnx {argv[0] if argv else ''}: error: {error}".replace("  ", " "), file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("flonnx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The export folder's manifest, `flonnx.json`: the one contract between the stages.
+
+Export writes it, quantize adds variants to it, the runtime reads it. Everything a stage needs
+to know about a folder is here or in the Hugging Face JSON files beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ModelFolderError
+
+MANIFEST = "flonnx.json"
+FORMAT_VERSION = 1
+
+# Component name -> file stem, in the order a request uses them (onnx-community names).
+COMPONENTS = ("vision_encoder", "embed_tokens", "encoder_model", "decoder_model_merged")
+
+# Files every export folder holds besides the graphs.
+CONFIG_FILES = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(folder: Path, relative: str) -> dict:
+    path = folder / relative
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise ModelFolderError(f"export folder not found: {folder}")
+    if not path.is_file():
+        raise ModelFolderError(f"{folder} is not a flonnx export folder: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelFolderError(f"cannot read {path}: {error}") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFolderError(
+            f"{path} has format_version {version!r}; this flonnx reads format_version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(data, stream, indent=2, sort_keys=False)
+            stream.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; a manifest is not a secret
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def verify_files(folder: str | os.PathLike, manifest: dict, names: list[str], full: bool = False) -> None:
+    """Check that each file exists with its recorded size (and sha256 when `full`)."""
+    folder = Path(folder)
+    records = manifest.get("files", {})
+    for name in names:
+        record = records.get(name)
+        path = folder / name
+        if record is None:
+            raise ModelFolderError(f"{name} is not listed in {folder / MANIFEST}")
+        if not path.is_file():
+            raise ModelFolderError(f"{path} is missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != record["size"]:
+            raise ModelFolderError(f"{path} has {size} bytes; {MANIFEST} records {record['size']}")
+        if full and sha256_file(path) != record["sha256"]:
+            raise ModelFolderError(f"{path} does not match the sha256 recorded in {MANIFEST}")

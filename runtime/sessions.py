@@ -1,0 +1,65 @@
+"""The one place where onnxruntime sessions are created."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .errors import InputError
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+
+def physical_cores() -> int:
+    """Physical cores where Linux tells them, else logical CPUs available to this process."""
+    try:
+        logical = len(os.sched_getaffinity(0))
+    except AttributeError:
+        logical = os.cpu_count() or 1
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return logical
+    cores = set()
+    physical = core = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            physical = value.strip()
+        elif key == "core id":
+            core = value.strip()
+            cores.add((physical, core))
+    return max(1, min(logical, len(cores))) if cores else logical
+
+
+def check_providers(providers: list[str] | tuple[str, ...] | None) -> list[str]:
+    available = ort.get_available_providers()
+    if providers is None:
+        return list(DEFAULT_PROVIDERS)
+    providers = [providers] if isinstance(providers, str) else list(providers)
+    if not providers:
+        raise InputError(f"providers must not be empty; available: {', '.join(available)}")
+    unknown = [p for p in providers if p not in available]
+    if unknown:
+        raise InputError(f"execution provider {', '.join(unknown)} is not available; available: {', '.join(available)}")
+    return providers
+
+
+def create_session(path: Path, threads: int, providers: list[str]) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    used = session.get_providers()
+    fallen = [p for p in providers if p not in used]
+    if fallen:
+        warnings.warn(f"{path.name}: provider {', '.join(fallen)} was requested but not used ({', '.join(used)} is)",
+                      stacklevel=3)
+    return session
