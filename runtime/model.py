@@ -1,0 +1,203 @@
+"""`Florence2`: an export folder loaded into onnxruntime sessions, and the request pipeline.
+
+image -> preprocess -> vision_encoder -> [image features | prompt embeddings] -> encoder_model
+-> greedy decoding on decoder_model_merged -> text -> the dict `post_process_generation` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .decoding import CacheLayout, GenerationOptions, greedy_decode
+from .errors import InputError, ModelFolderError
+from .manifest import COMPONENTS, CONFIG_FILES, read_manifest, verify_files
+from .postprocess import decode_generated, post_process
+from .preprocess import ImageInput, ImagePreprocessor, load_image
+from .prompts import TaskTable, build_prompt, check_length, prompt_ids
+from .sessions import check_providers, create_session, physical_cores
+
+VERIFY_MODES = ("size", "sha256")
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """The vision encoder's output for one image, reusable across tasks on that image."""
+
+    features: np.ndarray  # float32 [N, D]
+    image_size: tuple[int, int]  # (width, height) of the original image
+
+
+@dataclass(frozen=True)
+class Request:
+    """One task on one image. `image` may be features from `Florence2.encode_image`."""
+
+    image: ImageInput | ImageFeatures
+    task: str
+    text: str | None = None
+    region: str | Sequence[float] | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    task: str
+    answer: Any  # what post_process_generation returns under the task key
+    text: str  # the generated text, special tokens kept
+    tokens: list[int] = field(repr=False)  # generated ids, from the decoder start token to EOS
+
+    def as_dict(self) -> dict:
+        return {self.task: self.answer}
+
+
+def _read_json(folder: Path, name: str) -> dict:
+    try:
+        return json.loads((folder / name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFolderError(f"{folder / name} is missing") from None
+    except (OSError, ValueError) as error:
+        raise ModelFolderError(f"cannot read {folder / name}: {error}") from None
+
+
+class Florence2:
+    """A loaded export folder. Immutable: every per-call option is an argument."""
+
+    def __init__(self, folder: Path, manifest: dict, variant: str, sessions: dict, threads: int):
+        self.folder = folder
+        self.manifest = manifest
+        self.variant = variant
+        self.threads = threads
+        self._sessions = sessions
+        model = manifest["model"]
+        self.num_image_tokens = int(model["num_image_tokens"])
+        self.max_positions = int(model["max_position_embeddings"])
+        self.layout = CacheLayout(int(model["decoder_layers"]), int(model["decoder_heads"]), int(model["head_dim"]))
+        preprocessor = _read_json(folder, "preprocessor_config.json")
+        self.preprocessor = ImagePreprocessor.from_config(preprocessor)
+        self.tasks = TaskTable.from_config(preprocessor)
+        self.post_processor_config = preprocessor.get("post_processor_config") or {}
+        self.generation_config = _read_json(folder, "generation_config.json")
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.pad_token_id = int(self.generation_config.get("pad_token_id", 1))
+
+    @classmethod
+    def load(cls, folder: str | Path, variant: str = "fp32", threads: int | None = None,
+             providers: Sequence[str] | None = None, verify: str = "size") -> Florence2:
+        """Open an export folder. `verify="sha256"` checks every file's hash, not just its size."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        variants = manifest.get("variants", {})
+        if variant not in variants:
+            raise InputError(f"unknown variant {variant!r} in {folder}; available: {', '.join(variants)}")
+        if verify not in VERIFY_MODES:
+            raise InputError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+        files = {name: variants[variant][name]["file"] for name in COMPONENTS}
+        data_files = [name for name in manifest.get("files", {}) if name.endswith(".data")]
+        verify_files(folder, manifest, [*files.values(), *CONFIG_FILES, *data_files], full=verify == "sha256")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise InputError(f"threads must be a positive integer, got {threads!r}")
+        threads = threads or physical_cores()
+        chosen = check_providers(providers)
+        sessions = {name: create_session(folder / path, threads, chosen) for name, path in files.items()}
+        return cls(folder, manifest, variant, sessions, threads)
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def encode_images(self, images: Sequence[ImageInput], timings: dict | None = None) -> list[ImageFeatures]:
+        started = time.perf_counter()
+        loaded = [load_image(image) for image in images]
+        batch = self.preprocessor(loaded)
+        preprocessed = time.perf_counter()
+        features = self._sessions["vision_encoder"].run(None, {"pixel_values": batch.pixel_values})[0]
+        if timings is not None:
+            timings["preprocess"] = timings.get("preprocess", 0.0) + preprocessed - started
+            timings["vision"] = timings.get("vision", 0.0) + time.perf_counter() - preprocessed
+        return [ImageFeatures(f, size) for f, size in zip(features, batch.image_sizes)]
+
+    def encode_image(self, image: ImageInput) -> ImageFeatures:
+        """Run the vision encoder once; pass the result as `image` to run several tasks on it."""
+        return self.encode_images([image])[0]
+
+    def _features(self, requests: Sequence[Request], timings: dict | None) -> list[ImageFeatures]:
+        """Image features per request; each distinct raw image goes through the vision encoder once."""
+        raw: dict[int, ImageInput] = {}
+        for request in requests:
+            if not isinstance(request.image, ImageFeatures):
+                raw.setdefault(id(request.image), request.image)
+        encoded = dict(zip(raw, self.encode_images(list(raw.values()), timings))) if raw else {}
+        features = []
+        for request in requests:
+            item = request.image if isinstance(request.image, ImageFeatures) else encoded[id(request.image)]
+            if item.features.shape[0] != self.num_image_tokens:
+                raise InputError(
+                    f"image features have {item.features.shape[0]} tokens; this export expects {self.num_image_tokens}"
+                )
+            features.append(item)
+        return features
+
+    def _encoder_inputs(self, requests, features) -> tuple[np.ndarray, np.ndarray]:
+        ids = []
+        for request, item in zip(requests, features):
+            prompt = build_prompt(request.task, request.text, request.region, item.image_size, self.tasks)
+            tokens = prompt_ids(self.tokenizer, prompt)
+            check_length(len(tokens), self.num_image_tokens, self.max_positions)
+            ids.append(tokens)
+        width = max(len(tokens) for tokens in ids)
+        padded = np.full((len(ids), width), self.pad_token_id, np.int64)
+        mask = np.zeros((len(ids), self.num_image_tokens + width), np.int64)
+        mask[:, : self.num_image_tokens] = 1
+        for row, tokens in enumerate(ids):
+            padded[row, : len(tokens)] = tokens
+            mask[row, self.num_image_tokens : self.num_image_tokens + len(tokens)] = 1
+        embeds = self._sessions["embed_tokens"].run(None, {"input_ids": padded})[0]
+        image = np.stack([item.features for item in features]).astype(embeds.dtype, copy=False)
+        return np.concatenate([image, embeds], axis=1), mask
+
+    def generation_options(self, **overrides) -> GenerationOptions:
+        """This folder's generation_config.json with per-call overrides (None keeps the default)."""
+        return GenerationOptions.from_config(self.generation_config, self.max_positions, **overrides)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def run_batch(self, requests: Sequence[Request], *, max_new_tokens: int | None = None,
+                  timings: dict | None = None, **generation) -> list[Result]:
+        """Run several requests in one batch; each result equals running its request alone."""
+        requests = list(requests)
+        if not requests:
+            raise InputError("no requests to run")
+        for request in requests:
+            if not isinstance(request, Request):
+                raise InputError(f"run_batch takes Request objects, got {type(request).__name__}")
+        options = self.generation_options(max_new_tokens=max_new_tokens, **generation).greedy()
+        features = self._features(requests, timings)
+        started = time.perf_counter()
+        embeds, mask = self._encoder_inputs(requests, features)
+        prompted = time.perf_counter()
+        hidden = self._sessions["encoder_model"].run(None, {"inputs_embeds": embeds, "attention_mask": mask})[0]
+        encoded = time.perf_counter()
+        sequences = greedy_decode(
+            self._sessions["embed_tokens"], self._sessions["decoder_model_merged"], hidden, mask, options,
+            self.layout, timings,
+        )
+        decoded = time.perf_counter()
+        results = []
+        for request, item, tokens in zip(requests, features, sequences):
+            text = decode_generated(self.tokenizer, tokens)
+            answer = post_process(text, request.task, item.image_size, self.post_processor_config, self.tasks)
+            results.append(Result(request.task, answer[request.task], text, tokens))
+        if timings is not None:
+            timings["prompt"] = prompted - started
+            timings["encoder"] = encoded - prompted
+            timings["postprocess"] = time.perf_counter() - decoded
+        return results
+
+    def run(self, image: ImageInput | ImageFeatures, task: str, text: str | None = None,
+            region: str | Sequence[float] | None = None, **options) -> dict:
+        """`{task: answer}` for one image, as `post_process_generation` returns it."""
+        return self.run_batch([Request(image, task, text, region)], **options)[0].as_dict()
