@@ -99,7 +99,8 @@ def check_source(src: str) -> None:
     vision_type = (config.get("vision_config") or {}).get("model_type")
     if "auto_map" in config or vision_type == "davit":
         raise ExportError(
-            f"{src} is an original Microsoft remote-code Florence-2 checkpoint; converting those is not supported "
+            f"{src} is an original Microsoft remote-code Florence-2 checkpoint; "
+            "converting those is not supported "
             "yet: use a native transformers checkpoint (e.g. florence-community/Florence-2-base)"
         )
 
@@ -139,40 +140,71 @@ def graph_specs(model, image_size: int) -> list[GraphSpec]:
 
     def cache_axes(names, decoder_length):
         return {
-            n: {0: "batch_size", 2: "encoder_sequence_length" if ".encoder." in n else decoder_length} for n in names
+            n: {0: "batch_size", 2: "encoder_sequence_length" if ".encoder." in n else decoder_length}
+            for n in names
         }
 
     first, later = Decoder(model, with_past=False), Decoder(model, with_past=True)
     return [
         GraphSpec(
-            "vision_encoder", VisionEncoder(model), (torch.randn(batch, 3, image_size, image_size),),
-            ["pixel_values"], ["image_features"],
+            "vision_encoder",
+            VisionEncoder(model),
+            (torch.randn(batch, 3, image_size, image_size),),
+            ["pixel_values"],
+            ["image_features"],
             {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}},
         ),
         GraphSpec(
-            "embed_tokens", EmbedTokens(model), (ids,), ["input_ids"], ["inputs_embeds"],
-            {"input_ids": {0: "batch_size", 1: "sequence_length"}, "inputs_embeds": {0: "batch_size", 1: "sequence_length"}},
-        ),
-        GraphSpec(
-            "encoder_model", TextEncoder(model), (hidden, mask), ["inputs_embeds", "attention_mask"],
-            ["last_hidden_state"],
-            {"inputs_embeds": encoder_axes, "attention_mask": encoder_axes, "last_hidden_state": encoder_axes},
-        ),
-        GraphSpec(
-            "decoder_model", first, (torch.randn(batch, 1, d_model), mask, hidden),
-            first.input_names(), first.output_names(),
+            "embed_tokens",
+            EmbedTokens(model),
+            (ids,),
+            ["input_ids"],
+            ["inputs_embeds"],
             {
-                "inputs_embeds": decoder_axes, "encoder_attention_mask": encoder_axes,
-                "encoder_hidden_states": encoder_axes, "logits": decoder_axes,
+                "input_ids": {0: "batch_size", 1: "sequence_length"},
+                "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+            },
+        ),
+        GraphSpec(
+            "encoder_model",
+            TextEncoder(model),
+            (hidden, mask),
+            ["inputs_embeds", "attention_mask"],
+            ["last_hidden_state"],
+            {
+                "inputs_embeds": encoder_axes,
+                "attention_mask": encoder_axes,
+                "last_hidden_state": encoder_axes,
+            },
+        ),
+        GraphSpec(
+            "decoder_model",
+            first,
+            (torch.randn(batch, 1, d_model), mask, hidden),
+            first.input_names(),
+            first.output_names(),
+            {
+                "inputs_embeds": decoder_axes,
+                "encoder_attention_mask": encoder_axes,
+                "encoder_hidden_states": encoder_axes,
+                "logits": decoder_axes,
                 **cache_axes(first.output_names()[1:], "decoder_sequence_length"),
             },
         ),
         GraphSpec(
-            "decoder_with_past_model", later,
-            (torch.randn(batch, 1, d_model), mask, *cache(lambda n: encoder_length if ".encoder." in n else past)),
-            later.input_names(), later.output_names(),
+            "decoder_with_past_model",
+            later,
+            (
+                torch.randn(batch, 1, d_model),
+                mask,
+                *cache(lambda n: encoder_length if ".encoder." in n else past),
+            ),
+            later.input_names(),
+            later.output_names(),
             {
-                "inputs_embeds": decoder_axes, "encoder_attention_mask": encoder_axes, "logits": decoder_axes,
+                "inputs_embeds": decoder_axes,
+                "encoder_attention_mask": encoder_axes,
+                "logits": decoder_axes,
                 **cache_axes(past_names(shape.layers), "past_decoder_sequence_length"),
                 **cache_axes(later.output_names()[1:], "past_decoder_sequence_length + 1"),
             },
@@ -188,8 +220,15 @@ def export_graph(spec: GraphSpec, path: Path) -> None:
         # faithfully and in seconds, and names weights after their modules.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            spec.module.eval(), spec.args, str(path), input_names=spec.inputs, output_names=spec.outputs,
-            dynamic_axes=spec.dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False,
+            spec.module.eval(),
+            spec.args,
+            str(path),
+            input_names=spec.inputs,
+            output_names=spec.outputs,
+            dynamic_axes=spec.dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
         )
 
 
@@ -197,7 +236,9 @@ def save_onnx(model, path: Path) -> None:
     import onnx
 
     large = model.ByteSize() > 1_900_000_000
-    onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
+    onnx.save_model(
+        model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None
+    )
 
 
 def write_configs(model, processor, folder: Path, image_size: int) -> None:
@@ -229,21 +270,25 @@ def write_configs(model, processor, folder: Path, image_size: int) -> None:
 
 
 def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     import onnx
     import onnxruntime
     import torch
     import transformers
-
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         flonnx_version = version("flonnx")
     except PackageNotFoundError:
         flonnx_version = "unknown"
     return {
-        "flonnx": flonnx_version, "torch": torch.__version__, "transformers": transformers.__version__,
-        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-        "exporter": "torch.onnx TorchScript", "opset": OPSET,
+        "flonnx": flonnx_version,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "exporter": "torch.onnx TorchScript",
+        "opset": OPSET,
     }
 
 
@@ -308,8 +353,13 @@ def _move_into_place(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export(src: str, out: str | os.PathLike, image_size: int = DEFAULT_IMAGE_SIZE, force: bool = False,
-           progress: Progress | None = None) -> dict:
+def export(
+    src: str,
+    out: str | os.PathLike,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict:
     """Export, validate and write the folder; returns the manifest."""
     import onnx
     import torch

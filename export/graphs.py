@@ -23,7 +23,9 @@ class DecoderShape:
     @classmethod
     def of(cls, model) -> DecoderShape:
         text = model.config.text_config
-        return cls(text.decoder_layers, text.decoder_attention_heads, text.d_model // text.decoder_attention_heads)
+        return cls(
+            text.decoder_layers, text.decoder_attention_heads, text.d_model // text.decoder_attention_heads
+        )
 
 
 def past_names(n_layers: int, prefix: str = "past_key_values", with_encoder: bool = True) -> list[str]:
@@ -55,7 +57,8 @@ class EmbedTokens(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """inputs_embeds [B,S,D] (image features then prompt embeddings), attention_mask [B,S] -> last_hidden_state."""
+    """inputs_embeds [B,S,D] (image features, then prompt embeddings), attention_mask [B,S]
+    -> last_hidden_state [B,S,D]."""
 
     def __init__(self, model):
         super().__init__()
@@ -97,7 +100,7 @@ class Decoder(nn.Module):
         self.activation = self.layers[0].activation_fn
 
     def forward(self, inputs_embeds, encoder_attention_mask, *rest):
-        n, h, d = self.shape.layers, self.shape.heads, self.shape.head_dim
+        h, d = self.shape.heads, self.shape.head_dim
         min_value = torch.finfo(inputs_embeds.dtype).min
         length = inputs_embeds.shape[1]
         if self.with_past:
@@ -124,7 +127,9 @@ class Decoder(nn.Module):
             if self.with_past:
                 k = torch.cat([past[4 * i], k], dim=2)
                 v = torch.cat([past[4 * i + 1], v], dim=2)
-            hidden = layer.self_attn_layer_norm(hidden + attn.out_proj(_attend(q, k, v, causal, attn.scaling)))
+            hidden = layer.self_attn_layer_norm(
+                hidden + attn.out_proj(_attend(q, k, v, causal, attn.scaling))
+            )
             presents += [k, v]
 
             cross = layer.encoder_attn

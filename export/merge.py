@@ -71,7 +71,9 @@ def _branch(model: onnx.ModelProto, prefix: str, shared: dict[tuple, str]) -> on
     return graph
 
 
-def _add_empty_outputs(graph: onnx.GraphProto, names: list[str], heads: int, head_dim: int, prefix: str) -> None:
+def _add_empty_outputs(
+    graph: onnx.GraphProto, names: list[str], heads: int, head_dim: int, prefix: str
+) -> None:
     for name in names:
         constant = prefix + name + "/empty"
         empty = numpy_helper.from_array(np.zeros((0, heads, 0, head_dim), np.float32), constant + "/value")
@@ -111,7 +113,12 @@ def merge_decoders(no_past: onnx.ModelProto, with_past: onnx.ModelProto, heads: 
         inputs.setdefault(value.name, value)
     cond = helper.make_tensor_value_info(USE_CACHE_BRANCH, TensorProto.BOOL, [1])
     node = helper.make_node(
-        "If", [USE_CACHE_BRANCH], present_names, then_branch=then_branch, else_branch=else_branch, name="If_cache"
+        "If",
+        [USE_CACHE_BRANCH],
+        present_names,
+        then_branch=then_branch,
+        else_branch=else_branch,
+        name="If_cache",
     )
     outer_outputs = []
     for value in no_past.graph.output:
@@ -125,9 +132,7 @@ def merge_decoders(no_past: onnx.ModelProto, with_past: onnx.ModelProto, heads: 
         "decoder_model_merged",
         [*inputs.values(), cond],
         outer_outputs,
-        initializer=[
-            _renamed(tensor, shared[key]) for key, tensor in shared_tensors.items()
-        ],
+        initializer=[_renamed(tensor, shared[key]) for key, tensor in shared_tensors.items()],
     )
     merged = helper.make_model(graph, opset_imports=list(no_past.opset_import), producer_name="flonnx")
     merged.ir_version = no_past.ir_version

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-
 from flonnx.runtime.errors import ValidationError
 
 from .graphs import Decoder, DecoderShape, EmbedTokens, TextEncoder, VisionEncoder, past_names
@@ -100,7 +99,9 @@ class GraphValidator:
             with torch.no_grad():
                 expected = {"inputs_embeds": module(torch.from_numpy(ids))}
             actual = _run(session, {"input_ids": ids})
-            self.checks += _compare("embed_tokens", f"batch={batch} length={length}", actual, expected, self.tolerance)
+            self.checks += _compare(
+                "embed_tokens", f"batch={batch} length={length}", actual, expected, self.tolerance
+            )
 
     def encoder(self, image_features: np.ndarray) -> None:
         session = _session(self.dir / "encoder_model.onnx")
@@ -153,10 +154,15 @@ class GraphValidator:
             with torch.no_grad():
                 outputs = first(*(torch.from_numpy(feed[name]) for name in first.input_names()))
             case = f"batch={batch} past=0 length={prefix}"
-            self.checks += _compare("decoder_model_merged", case, actual, dict(zip(first.output_names(), outputs)), self.tolerance)
             self.checks += _compare(
-                "decoder_model_merged", case + " vs transformers", {"logits": actual["logits"]},
-                {"logits": reference[:, :prefix]}, self.tolerance,
+                "decoder_model_merged", case, actual, dict(zip(first.output_names(), outputs)), self.tolerance
+            )
+            self.checks += _compare(
+                "decoder_model_merged",
+                case + " vs transformers",
+                {"logits": actual["logits"]},
+                {"logits": reference[:, :prefix]},
+                self.tolerance,
             )
 
             past = {name: actual[name.replace("past_key_values", "present")] for name in past_names(layers)}
@@ -171,10 +177,15 @@ class GraphValidator:
             with torch.no_grad():
                 outputs = later(*(torch.from_numpy(feed[name]) for name in later.input_names()))
             case = f"batch={batch} past={prefix} length=1"
-            self.checks += _compare("decoder_model_merged", case, actual, dict(zip(later.output_names(), outputs)), self.tolerance)
             self.checks += _compare(
-                "decoder_model_merged", case + " vs transformers", {"logits": actual["logits"]},
-                {"logits": reference[:, prefix:]}, self.tolerance,
+                "decoder_model_merged", case, actual, dict(zip(later.output_names(), outputs)), self.tolerance
+            )
+            self.checks += _compare(
+                "decoder_model_merged",
+                case + " vs transformers",
+                {"logits": actual["logits"]},
+                {"logits": reference[:, prefix:]},
+                self.tolerance,
             )
 
     def run(self) -> dict:
@@ -200,7 +211,10 @@ def onnx_greedy(onnx_dir: Path, pixel_values: np.ndarray, text_ids: np.ndarray, 
     from flonnx.runtime.decoding import CacheLayout, greedy_decode
 
     vision, embed = _session(onnx_dir / "vision_encoder.onnx"), _session(onnx_dir / "embed_tokens.onnx")
-    encoder, decoder = _session(onnx_dir / "encoder_model.onnx"), _session(onnx_dir / "decoder_model_merged.onnx")
+    encoder, decoder = (
+        _session(onnx_dir / "encoder_model.onnx"),
+        _session(onnx_dir / "decoder_model_merged.onnx"),
+    )
     features = vision.run(None, {"pixel_values": pixel_values})[0]
     embeds = np.concatenate([features, embed.run(None, {"input_ids": text_ids})[0]], axis=1)
     mask = np.ones(embeds.shape[:2], np.int64)
@@ -211,30 +225,43 @@ def onnx_greedy(onnx_dir: Path, pixel_values: np.ndarray, text_ids: np.ndarray, 
     return greedy_decode(embed, decoder, hidden, mask, options, layout)[0]
 
 
-def token_parity(model, processor, onnx_dir: Path, tasks=PARITY_TASKS, max_new_tokens: int = 24, seed: int = 0) -> list[dict]:
+def token_parity(
+    model, processor, onnx_dir: Path, tasks=PARITY_TASKS, max_new_tokens: int = 24, seed: int = 0
+) -> list[dict]:
     """Greedy tokens from the ONNX graphs against `model.generate(num_beams=1, do_sample=False)`,
     both under the checkpoint's own generation config (forced BOS/EOS, no-repeat n-grams)."""
-    from PIL import Image
-
     from flonnx.runtime.decoding import GenerationOptions
+    from PIL import Image
 
     rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
     options = GenerationOptions.from_config(
-        model.generation_config.to_dict(), model.config.text_config.max_position_embeddings,
-        max_new_tokens=max_new_tokens, num_beams=1, do_sample=False,
+        model.generation_config.to_dict(),
+        model.config.text_config.max_position_embeddings,
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        do_sample=False,
     )
     n_image = processor.num_image_tokens
     results = []
     for task in tasks:
         inputs = processor(text=task, images=image, return_tensors="pt")
         with torch.no_grad():
-            expected = model.generate(**inputs, num_beams=1, do_sample=False, max_new_tokens=max_new_tokens)[0].tolist()
+            expected = model.generate(**inputs, num_beams=1, do_sample=False, max_new_tokens=max_new_tokens)[
+                0
+            ].tolist()
         actual = onnx_greedy(
             onnx_dir, inputs["pixel_values"].numpy(), inputs["input_ids"][:, n_image:].numpy(), options
         )
-        results.append({"task": task, "tokens": len(expected) - 1, "equal": actual == expected,
-                        "expected": expected, "actual": actual})
+        results.append(
+            {
+                "task": task,
+                "tokens": len(expected) - 1,
+                "equal": actual == expected,
+                "expected": expected,
+                "actual": actual,
+            }
+        )
     return results
 
 
@@ -243,13 +270,17 @@ def validate_export(model, processor, onnx_dir: Path, image_size: int, tolerance
     validator = GraphValidator(model, onnx_dir, image_size, tolerance)
     report = validator.run()
     parity = token_parity(model, processor, onnx_dir)
-    report["token_parity"] = [{k: v for k, v in r.items() if k in ("task", "tokens", "equal")} for r in parity]
+    report["token_parity"] = [
+        {k: v for k, v in r.items() if k in ("task", "tokens", "equal")} for r in parity
+    ]
     problems = [
         f"{c.graph} [{c.case}] {c.output}: max abs diff {c.max_abs_diff:.3g} > {tolerance:g}"
         for c in validator.failures()
     ]
     problems += [
-        f"token parity {r['task']}: onnx {r['actual']} != torch {r['expected']}" for r in parity if not r["equal"]
+        f"token parity {r['task']}: onnx {r['actual']} != torch {r['expected']}"
+        for r in parity
+        if not r["equal"]
     ]
     report["passed"] = not problems
     if problems:

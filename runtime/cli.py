@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 
 from .errors import FlonnxError, MissingExtraError
@@ -14,6 +15,7 @@ EXIT_ERROR = 2
 # Subcommand -> (module, the extra that provides it). Each module has add_arguments(parser) and main(args).
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("flonnx.export.cli", "export", "export a Florence-2 checkpoint to a validated ONNX folder"),
+    "run": ("flonnx.runtime.run_cli", "runtime", "run Florence-2 tasks on images with an export folder"),
 }
 
 # Imports a stage needs, mapped to the extra that installs them.
@@ -33,7 +35,9 @@ def _load(module_name: str, extra: str):
 
 
 def _parser(add_arguments: Callable[[str, argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flonnx", description="Florence-2 on CPUs and devices through ONNX.")
+    parser = argparse.ArgumentParser(
+        prog="flonnx", description="Florence-2 on CPUs and devices through ONNX."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, _, summary) in SUBCOMMANDS.items():
@@ -41,8 +45,13 @@ def _parser(add_arguments: Callable[[str, argparse.ArgumentParser], None]) -> ar
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"flonnx: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    warnings.formatwarning = _one_line_warning
     debug = "--debug" in argv
     modules = {}
 

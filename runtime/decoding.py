@@ -56,13 +56,16 @@ class GenerationOptions:
         values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(values) - known
         if unknown:
-            raise InputError(f"unknown generation option {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
+            raise InputError(
+                f"unknown generation option {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}"
+            )
         options = cls(**values)
         limit = max_positions - 1
         if options.max_new_tokens > limit:
             if "max_new_tokens" in overrides and overrides["max_new_tokens"] is not None:
                 raise InputError(
-                    f"max_new_tokens {options.max_new_tokens} is too large: the decoder has {max_positions} positions, "
+                    f"max_new_tokens {options.max_new_tokens} is too large: "
+                    f"the decoder has {max_positions} positions, "
                     f"so at most {limit} new tokens"
                 )
             options = replace(options, max_new_tokens=limit)
@@ -86,9 +89,7 @@ def banned_ngram_tokens(tokens: list[int], n: int) -> list[int]:
     if n <= 0 or len(tokens) + 1 < n:
         return []
     prefix = tuple(tokens[len(tokens) - n + 1 :])
-    return [
-        tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix
-    ]
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix]
 
 
 def process_logits(logits: np.ndarray, sequences: list[list[int]], options: GenerationOptions) -> np.ndarray:
@@ -127,8 +128,15 @@ class CacheLayout:
         ]
 
 
-def greedy_decode(embed, decoder, hidden: np.ndarray, mask: np.ndarray, options: GenerationOptions,
-                  layout: CacheLayout, timings: dict | None = None) -> list[list[int]]:
+def greedy_decode(
+    embed,
+    decoder,
+    hidden: np.ndarray,
+    mask: np.ndarray,
+    options: GenerationOptions,
+    layout: CacheLayout,
+    timings: dict | None = None,
+) -> list[list[int]]:
     """Decode every row of the encoder output; returns each row's tokens from the start token to EOS."""
     import time
 

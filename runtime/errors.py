@@ -39,6 +39,8 @@ class MissingExtraError(FlonnxError):
     """A stage whose optional dependencies are not installed."""
 
     def __init__(self, extra: str, module: str):
-        super().__init__(f"this needs the '{extra}' extra ({module} is missing): pip install 'flonnx[{extra}]'")
+        super().__init__(
+            f"this needs the '{extra}' extra ({module} is missing): pip install 'flonnx[{extra}]'"
+        )
         self.extra = extra
         self.module = module

@@ -77,7 +77,9 @@ class Florence2:
         model = manifest["model"]
         self.num_image_tokens = int(model["num_image_tokens"])
         self.max_positions = int(model["max_position_embeddings"])
-        self.layout = CacheLayout(int(model["decoder_layers"]), int(model["decoder_heads"]), int(model["head_dim"]))
+        self.layout = CacheLayout(
+            int(model["decoder_layers"]), int(model["decoder_heads"]), int(model["head_dim"])
+        )
         preprocessor = _read_json(folder, "preprocessor_config.json")
         self.preprocessor = ImagePreprocessor.from_config(preprocessor)
         self.tasks = TaskTable.from_config(preprocessor)
@@ -87,8 +89,14 @@ class Florence2:
         self.pad_token_id = int(self.generation_config.get("pad_token_id", 1))
 
     @classmethod
-    def load(cls, folder: str | Path, variant: str = "fp32", threads: int | None = None,
-             providers: Sequence[str] | None = None, verify: str = "size") -> Florence2:
+    def load(
+        cls,
+        folder: str | Path,
+        variant: str = "fp32",
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        verify: str = "size",
+    ) -> Florence2:
         """Open an export folder. `verify="sha256"` checks every file's hash, not just its size."""
         folder = Path(folder)
         manifest = read_manifest(folder)
@@ -136,7 +144,8 @@ class Florence2:
             item = request.image if isinstance(request.image, ImageFeatures) else encoded[id(request.image)]
             if item.features.shape[0] != self.num_image_tokens:
                 raise InputError(
-                    f"image features have {item.features.shape[0]} tokens; this export expects {self.num_image_tokens}"
+                    f"image features have {item.features.shape[0]} tokens; "
+                    f"this export expects {self.num_image_tokens}"
                 )
             features.append(item)
         return features
@@ -165,8 +174,14 @@ class Florence2:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def run_batch(self, requests: Sequence[Request], *, max_new_tokens: int | None = None,
-                  timings: dict | None = None, **generation) -> list[Result]:
+    def run_batch(
+        self,
+        requests: Sequence[Request],
+        *,
+        max_new_tokens: int | None = None,
+        timings: dict | None = None,
+        **generation,
+    ) -> list[Result]:
         """Run several requests in one batch; each result equals running its request alone."""
         requests = list(requests)
         if not requests:
@@ -179,11 +194,18 @@ class Florence2:
         started = time.perf_counter()
         embeds, mask = self._encoder_inputs(requests, features)
         prompted = time.perf_counter()
-        hidden = self._sessions["encoder_model"].run(None, {"inputs_embeds": embeds, "attention_mask": mask})[0]
+        hidden = self._sessions["encoder_model"].run(None, {"inputs_embeds": embeds, "attention_mask": mask})[
+            0
+        ]
         encoded = time.perf_counter()
         sequences = greedy_decode(
-            self._sessions["embed_tokens"], self._sessions["decoder_model_merged"], hidden, mask, options,
-            self.layout, timings,
+            self._sessions["embed_tokens"],
+            self._sessions["decoder_model_merged"],
+            hidden,
+            mask,
+            options,
+            self.layout,
+            timings,
         )
         decoded = time.perf_counter()
         results = []
@@ -197,7 +219,13 @@ class Florence2:
             timings["postprocess"] = time.perf_counter() - decoded
         return results
 
-    def run(self, image: ImageInput | ImageFeatures, task: str, text: str | None = None,
-            region: str | Sequence[float] | None = None, **options) -> dict:
+    def run(
+        self,
+        image: ImageInput | ImageFeatures,
+        task: str,
+        text: str | None = None,
+        region: str | Sequence[float] | None = None,
+        **options,
+    ) -> dict:
         """`{task: answer}` for one image, as `post_process_generation` returns it."""
         return self.run_batch([Request(image, task, text, region)], **options)[0].as_dict()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .errors import InputError
+from .errors import InputError, ModelFolderError
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -45,7 +45,9 @@ def check_providers(providers: list[str] | tuple[str, ...] | None) -> list[str]:
         raise InputError(f"providers must not be empty; available: {', '.join(available)}")
     unknown = [p for p in providers if p not in available]
     if unknown:
-        raise InputError(f"execution provider {', '.join(unknown)} is not available; available: {', '.join(available)}")
+        raise InputError(
+            f"execution provider {', '.join(unknown)} is not available; available: {', '.join(available)}"
+        )
     return providers
 
 
@@ -56,10 +58,18 @@ def create_session(path: Path, threads: int, providers: list[str]) -> ort.Infere
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelFolderError(
+            f"onnxruntime cannot load {path}: {first_line} (check the folder with verify='sha256')"
+        ) from None
     used = session.get_providers()
     fallen = [p for p in providers if p not in used]
     if fallen:
-        warnings.warn(f"{path.name}: provider {', '.join(fallen)} was requested but not used ({', '.join(used)} is)",
-                      stacklevel=3)
+        warnings.warn(
+            f"{path.name}: provider {', '.join(fallen)} was requested but not used ({', '.join(used)} is)",
+            stacklevel=3,
+        )
     return session

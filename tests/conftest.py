@@ -1,0 +1,41 @@
+"""Shared fixtures. Model fixtures skip when the export extra (torch, transformers) is missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A native Florence-2 checkpoint folder with the `tiny` shape and seeded random weights."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from flonnx.export.testmodels import save_model
+
+    return save_model("tiny", tmp_path_factory.mktemp("tiny_model"))
+
+
+# Scaled <loc_N> rows make the random model write boxes and polygons, so every parser is exercised.
+LOC_SCALE = 2.0
+
+
+@pytest.fixture(scope="session")
+def tiny_loc_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `tiny` checkpoint with location tokens made likely (see LOC_SCALE)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from flonnx.export.testmodels import save_model
+
+    return save_model("tiny", tmp_path_factory.mktemp("tiny_loc_model"), seed=1, loc_scale=LOC_SCALE)
+
+
+@pytest.fixture(scope="session")
+def tiny_export_dir(tiny_loc_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`flonnx export` of the tiny checkpoint: the folder every runtime test loads."""
+    from flonnx.export.exporter import Progress, export
+
+    out = tmp_path_factory.mktemp("tiny_export") / "export"
+    export(str(tiny_loc_model_dir), out, progress=Progress(quiet=True))
+    return out
