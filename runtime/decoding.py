@@ -16,6 +16,13 @@ import numpy as np
 from .errors import InputError
 
 NEG_INF = -np.inf
+TOKEN_IDS = (
+    "decoder_start_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+)
 # transformers falls back to max_length=20 when a checkpoint sets no length; the model card asks
 # for max_new_tokens=1024, which is what users mean, so that is the default here.
 DEFAULT_MAX_NEW_TOKENS = 1024
@@ -42,18 +49,34 @@ class GenerationOptions:
                 raise InputError(f"{name} must be a non-negative integer, got {value!r}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        for name in TOKEN_IDS:
+            value = getattr(self, name)
+            if value is None and name.startswith("forced_"):
+                continue
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise InputError(f"{name} must be a non-negative token id, got {value!r}")
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise InputError(f"do_sample must be true or false, got {self.do_sample!r}")
 
     @classmethod
     def from_config(cls, config: dict, max_positions: int, **overrides) -> GenerationOptions:
         """Options from generation_config.json; per-call `overrides` (not None) win."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in config.items() if k in known and v is not None}
-        eos = values.get("eos_token_id")
-        if isinstance(eos, list):
-            values["eos_token_id"] = eos[0]
-        if "max_new_tokens" not in values and config.get("max_length") is not None:
-            values["max_new_tokens"] = max(1, int(config["max_length"]) - 1)
+        max_length = config.get("max_length")
+        if "max_new_tokens" not in values and max_length is not None:
+            if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+                raise InputError(
+                    "max_length must be an integer of at least 2 (the start token and one new token), "
+                    f"got {max_length!r}"
+                )
+            values["max_new_tokens"] = max_length - 1
         values.update({k: v for k, v in overrides.items() if v is not None})
+        eos = values.get("eos_token_id")
+        if isinstance(eos, (list, tuple)):
+            if not eos:
+                raise InputError("eos_token_id is an empty list")
+            values["eos_token_id"] = eos[0]
         unknown = set(values) - known
         if unknown:
             raise InputError(
@@ -100,7 +123,9 @@ def process_logits(logits: np.ndarray, sequences: list[list[int]], options: Gene
             banned = banned_ngram_tokens(tokens, options.no_repeat_ngram_size)
             if banned:
                 logits[row, banned] = NEG_INF
-    if length < options.min_length or length - 1 < options.min_new_tokens:
+    # generate replaces min_length by min_new_tokens + the decoder prompt (1) when min_new_tokens is set
+    min_length = options.min_new_tokens + 1 if options.min_new_tokens else options.min_length
+    if length < min_length:
         logits[:, options.eos_token_id] = NEG_INF
     if options.forced_bos_token_id is not None and length == 1:
         logits[:] = NEG_INF
