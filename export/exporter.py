@@ -40,14 +40,15 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 class Progress:
     """One line per stage with the seconds elapsed since the export started."""
 
-    def __init__(self, stream=sys.stderr, quiet: bool = False):
+    def __init__(self, stream=None, quiet: bool = False):
         self.start = time.perf_counter()
-        self.stream = stream
+        self.stream = stream  # None: whatever sys.stderr is when a line is written
         self.quiet = quiet
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
-            print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=self.stream, flush=True)
+            stream = self.stream if self.stream is not None else sys.stderr
+            print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=stream, flush=True)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ def load_checkpoint(src: str):
         model = Florence2ForConditionalGeneration.from_pretrained(src, dtype="float32").eval()
         processor = AutoProcessor.from_pretrained(src)
     except OSError as error:
-        raise ExportError(f"cannot load checkpoint {src}: {str(error).splitlines()[0]}") from None
+        where = "" if Path(src).exists() else f"there is no local folder {src}, and as a hub id: "
+        raise ExportError(f"cannot load checkpoint {src}: {where}{str(error).splitlines()[0]}") from None
     except Exception as error:  # safetensors, json and torch raise many types for a damaged checkpoint
         raise ExportError(f"cannot load checkpoint {src}: {type(error).__name__}: {error}") from None
     return model, processor
@@ -330,11 +332,23 @@ def build_manifest(src: str, model, folder: Path, image_size: int, report: dict,
     }
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an OUT that cannot be written before any weights are loaded."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"OUT {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"OUT {out} exists and is not empty; pass --force to replace it")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"cannot write OUT {out}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ExportError(f"cannot write OUT {out}: {parent} is not writable")
+            break
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    check_out(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -366,6 +380,8 @@ def export(
 
     progress = progress or Progress()
     out = Path(out)
+    check_source(str(src))
+    check_out(out, force)
     progress(f"loading {src}")
     model, processor = load_checkpoint(str(src))
     image_size = check_image_size(image_size, model.config)

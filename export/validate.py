@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+
 from flonnx.runtime.errors import ValidationError
 
 from .graphs import Decoder, DecoderShape, EmbedTokens, TextEncoder, VisionEncoder, past_names
@@ -230,8 +231,9 @@ def token_parity(
 ) -> list[dict]:
     """Greedy tokens from the ONNX graphs against `model.generate(num_beams=1, do_sample=False)`,
     both under the checkpoint's own generation config (forced BOS/EOS, no-repeat n-grams)."""
-    from flonnx.runtime.decoding import GenerationOptions
     from PIL import Image
+
+    from flonnx.runtime.decoding import GenerationOptions
 
     rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
