@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from flonnx.runtime import cli
 from flonnx.runtime.errors import FlonnxError, InputError, ModelFolderError, PromptError
 from flonnx.runtime.model import Florence2, Request
-from PIL import Image
 
 MAX_NEW_TOKENS = 40
 REGION = "<loc_100><loc_150><loc_700><loc_900>"
