@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import struct
@@ -12,6 +13,10 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
 from flonnx.runtime.errors import ImageError, InputError, ModelFolderError
 from flonnx.runtime.preprocess import (
     DEFAULT_MAX_PIXELS,
@@ -22,9 +27,6 @@ from flonnx.runtime.preprocess import (
     preprocess,
     to_rgb,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from PIL import Image
 
 # microsoft/Florence-2-base's preprocessor_config.json (the native conversions keep these values).
 FLORENCE = {
@@ -62,9 +64,102 @@ def pil_reference(config: dict):
 
 
 def torchvision_reference(config: dict):
-    pytest.importorskip("torchvision")
+    """transformers' `CLIPImageProcessor` (torchvision backend), or its torch-only stand-in."""
+    pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    return transformers.CLIPImageProcessor(**config)
+    if transformers.utils.is_torchvision_available():
+        processor = transformers.CLIPImageProcessor(**config)
+        assert processor.backend == "torchvision"  # not the PIL fallback
+        return processor
+    return torch_only_clip_processor()(**config)
+
+
+@functools.cache
+def torch_only_clip_processor() -> type:
+    """`CLIPImageProcessor` with its torchvision calls (`tvF.resize`, `tvF.normalize`, `tvF.crop`)
+    redone in torch, for where torchvision is not installed (CI; PyPI's torchvision breaks beside
+    our torch). Everything else is transformers' own code: the config's defaults, `convert_to_rgb`,
+    the uint8 CHW tensors, batching, the fused rescale + normalize. Bit-identical to the real
+    processor with torchvision 0.28 on the images and configs of this file.
+    """
+    import platform
+
+    import torch
+    from transformers.image_transforms import get_resize_output_image_size
+    from transformers.image_utils import ChannelDimension
+    from transformers.models.clip.image_processing_clip import CLIPImageProcessor
+
+    class TorchOnlyCLIPImageProcessor(CLIPImageProcessor):
+        def resize(self, image, size, resample=None, antialias=True, **kwargs):
+            # TorchvisionBackend.resize: PIL resample -> torchvision InterpolationMode, output size
+            mode = {None: "bilinear", 2: "bilinear", 3: "bicubic"}.get(
+                None if resample is None else int(resample)
+            )
+            if mode is None:
+                raise NotImplementedError(f"resample={resample!r} is not emulated")
+            if (size.shortest_edge and size.longest_edge) or (size.max_height and size.max_width):
+                raise NotImplementedError(f"size={size} is not emulated")
+            if size.shortest_edge:
+                new_size = get_resize_output_image_size(
+                    image,
+                    size=size.shortest_edge,
+                    default_to_square=False,
+                    input_data_format=ChannelDimension.FIRST,
+                )
+            elif size.height and size.width:
+                new_size = (size.height, size.width)
+            else:
+                raise ValueError(f"bad size {size}")
+            # torchvision.transforms.v2.functional.resize_image on a CPU tensor
+            shape, dtype, numel = image.shape, image.dtype, image.numel()
+            channels, height, width = shape[-3:]
+            if tuple(new_size) == (height, width) or numel == 0:
+                return image
+            native_uint8 = mode == "bicubic" or (
+                torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                or platform.machine() in ("aarch64", "arm64")
+            )
+            need_cast = dtype not in (
+                (torch.float32, torch.float64) + ((torch.uint8,) if native_uint8 else ())
+            )
+            batch = image.reshape(-1, channels, height, width)
+            strides = batch.stride()
+            if (
+                batch.is_contiguous(memory_format=torch.channels_last)
+                and batch.shape[0] == 1
+                and numel != strides[0]
+            ):
+                batch = batch.as_strided(batch.shape, (numel, *strides[1:]))
+            if need_cast:
+                batch = batch.to(torch.float32)
+            batch = torch.nn.functional.interpolate(
+                batch, size=list(new_size), mode=mode, align_corners=False, antialias=antialias
+            )
+            if need_cast:
+                if mode == "bicubic" and dtype == torch.uint8:
+                    batch = batch.clamp_(min=0, max=255)
+                if not dtype.is_floating_point:
+                    batch = batch.round_()
+                batch = batch.to(dtype)
+            return batch.reshape(shape[:-3] + (channels, *new_size))
+
+        def normalize(self, image, mean, std, inplace=False, **kwargs):
+            # tvF.normalize: mean and std as tensors of the image's dtype, then (x - mean) / std
+            mean = torch.as_tensor(mean, dtype=image.dtype, device=image.device)
+            std = torch.as_tensor(std, dtype=image.dtype, device=image.device)
+            mean = mean.view(-1, 1, 1) if mean.ndim == 1 else mean
+            std = std.view(-1, 1, 1) if std.ndim == 1 else std
+            return (image.sub_(mean) if inplace else image.sub(mean)).div_(std)
+
+        def center_crop(self, image, size, **kwargs):
+            # TorchvisionBackend.center_crop without its padding; tvF.crop is a slice
+            height, width = image.shape[-2:]
+            if size.height > height or size.width > width:
+                raise NotImplementedError("center-cropping beyond the image (padding) is not emulated")
+            top, left = int((height - size.height) / 2.0), int((width - size.width) / 2.0)
+            return image[..., top : top + size.height, left : left + size.width]
+
+    return TorchOnlyCLIPImageProcessor
 
 
 def reference_pixels(processor, image: Image.Image) -> np.ndarray:
@@ -143,24 +238,30 @@ def test_matches_torchvision_reference(mode, width, height):
     assert max_diff(got, expected) <= TOLERANCE
 
 
+CONFIG_VARIANTS = [
+    {"size": {"shortest_edge": 224}, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}},
+    {"size": {"height": 96, "width": 160}, "resample": 2},
+    {"size": {"height": 64, "width": 64}, "resample": 0},
+    {"size": {"height": 64, "width": 64}, "do_normalize": False},
+    {"size": {"height": 64, "width": 64}, "do_rescale": False},
+    {"size": {"height": 64, "width": 64}, "rescale_factor": 0.5, "image_mean": 0.5, "image_std": 0.25},
+    {"size": {"height": 64, "width": 64}, "do_normalize": None, "do_rescale": None},
+    {"size": {"height": 64, "width": 64}, "do_normalize": False, "image_mean": None, "image_std": None},
+]
+
+
+# The torchvision backend only does bilinear and bicubic: resample=0 there is a test_bad_configs case.
 @pytest.mark.parametrize(
-    "changes",
+    "changes,backend",
     [
-        {"size": {"shortest_edge": 224}, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}},
-        {"size": {"height": 96, "width": 160}, "resample": 2},
-        {"size": {"height": 64, "width": 64}, "resample": 0},
-        {"size": {"height": 64, "width": 64}, "do_normalize": False},
-        {"size": {"height": 64, "width": 64}, "do_rescale": False},
-        {"size": {"height": 64, "width": 64}, "rescale_factor": 0.5, "image_mean": 0.5, "image_std": 0.25},
-        {"size": {"height": 64, "width": 64}, "do_normalize": None, "do_rescale": None},
-        {"size": {"height": 64, "width": 64}, "do_normalize": False, "image_mean": None, "image_std": None},
+        (changes, backend)
+        for backend in ("pil", "torchvision")
+        for changes in CONFIG_VARIANTS
+        if not (backend == "torchvision" and changes.get("resample") == 0)
     ],
 )
-@pytest.mark.parametrize("backend", ["pil", "torchvision"])
 def test_config_variants_match_reference(changes, backend):
     config = {**CONVERTING, **changes}
-    if backend == "torchvision" and config.get("resample") == 0:
-        pytest.skip("the torchvision backend only does bilinear and bicubic")
     reference = (pil_reference if backend == "pil" else torchvision_reference)(config)
     for width, height in [(300, 200), (90, 150)]:
         image = image_in_mode("RGB", width, height)
@@ -490,6 +591,7 @@ def test_errors_are_value_errors():
         ({"rescale_factor": None}, "pil", "do_rescale is true but rescale_factor is null"),
         ({"image_mean": [0.5, 0.5]}, "pil", "image_mean must have 3 values"),
         ({"resample": 1}, "torchvision", r"resample=1 .*torchvision backend: 2 \(bilinear\), 3 \(bicubic\)"),
+        ({"resample": 0}, "torchvision", r"resample=0 .*torchvision backend: 2 \(bilinear\)"),
         ({"resample": 7}, "pil", "resample=7"),
         ({"do_center_crop": True, "crop_size": {"height": 1000, "width": 1000}}, "pil", None),
     ],
