@@ -39,3 +39,25 @@ def tiny_export_dir(tiny_loc_model_dir: Path, tmp_path_factory: pytest.TempPathF
     out = tmp_path_factory.mktemp("tiny_export") / "export"
     export(str(tiny_loc_model_dir), out, progress=Progress(quiet=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def reference_folder(tiny_model_dir: Path) -> Path:
+    """The folder `reference` and `tokenizer` come from (the plain tiny checkpoint)."""
+    return tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def reference(reference_folder: Path):
+    """transformers' Florence2Processor with the real tokenizer and post_processor_config."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(reference_folder)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(reference_folder: Path):
+    """The checkpoint's tokenizer.json as the runtime loads it."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(reference_folder / "tokenizer.json"))

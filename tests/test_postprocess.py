@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from flonnx.runtime.errors import InputError, ModelFolderError
 from flonnx.runtime.postprocess import (
     _parse_polygons,
@@ -15,8 +18,6 @@ from flonnx.runtime.postprocess import (
     post_process_sequence,
 )
 from flonnx.runtime.prompts import DEFAULT_TABLE, TaskTable
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -119,32 +120,8 @@ TABLE = [
 
 
 @pytest.fixture(scope="session")
-def reference_folder(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from flonnx.export import testmodels
-
-    folder = tmp_path_factory.mktemp("tiny")
-    testmodels.save_model("tiny", folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def reference(reference_folder):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(reference_folder)
-
-
-@pytest.fixture(scope="session")
 def config(reference):
     return reference.post_processor_config
-
-
-@pytest.fixture(scope="session")
-def tokenizer(reference_folder):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(reference_folder / "tokenizer.json"))
 
 
 def with_post_processor_config(reference, config):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from flonnx.runtime.errors import FlonnxError, ModelFolderError, PromptError
 from flonnx.runtime.prompts import (
     DEFAULT_POST_PROCESSING_TYPES,
@@ -17,8 +20,6 @@ from flonnx.runtime.prompts import (
     quantize,
     region_tokens,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -31,30 +32,6 @@ EXAMPLE_INPUT = {
     "<OPEN_VOCABULARY_DETECTION>": "a green car",
     **dict.fromkeys(REGION_TASKS, "<loc_52><loc_332><loc_932><loc_774>"),
 }
-
-
-@pytest.fixture(scope="session")
-def reference_folder(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from flonnx.export import testmodels
-
-    folder = tmp_path_factory.mktemp("tiny")
-    testmodels.save_model("tiny", folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def reference(reference_folder):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(reference_folder)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(reference_folder):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(reference_folder / "tokenizer.json"))
 
 
 def reference_prompt(reference, task, text=None):

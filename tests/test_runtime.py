@@ -45,7 +45,7 @@ def _image(seed: int, size=(400, 300)) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_loc_model_dir):
+def generate_reference(tiny_loc_model_dir):
     torch = pytest.importorskip("torch")
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
@@ -77,9 +77,9 @@ def _run(model, requests, **options):
 
 
 @pytest.mark.parametrize(("task", "text"), TASKS, ids=[t for t, _ in TASKS])
-def test_every_task_matches_transformers(model, reference, task, text):
+def test_every_task_matches_transformers(model, generate_reference, task, text):
     image = _image(0)
-    expected_ids, expected = reference(image, task, text)
+    expected_ids, expected = generate_reference(image, task, text)
     (result,) = _run(model, [Request(image, task, text)])
     assert result.tokens == expected_ids
     assert result.as_dict() == expected
@@ -104,7 +104,7 @@ def test_batch_of_mixed_images_and_prompts_equals_each_alone(model, reference):
         (alone,) = _run(model, [request])
         assert result.tokens == alone.tokens
         assert result.as_dict() == alone.as_dict()
-        expected_ids, expected = reference(request.image, request.task, request.text)
+        expected_ids, expected = generate_reference(request.image, request.task, request.text)
         assert result.tokens == expected_ids and result.as_dict() == expected
 
 
