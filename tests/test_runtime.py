@@ -92,7 +92,7 @@ def test_random_model_exercises_the_parsers(model):
     assert od.answer["bboxes"] and seg.answer["polygons"]
 
 
-def test_batch_of_mixed_images_and_prompts_equals_each_alone(model, reference):
+def test_batch_of_mixed_images_and_prompts_equals_each_alone(model, generate_reference):
     images = [_image(1), _image(2, (640, 480)), _image(3, (33, 17))]
     requests = [
         Request(images[0], "<OD>"),
