@@ -113,40 +113,6 @@ def _timed(function) -> float:
     return time.perf_counter() - started
 
 
-def graph_flops(path: Path, inputs: dict[str, list[int]]) -> float:
-    """FLOPs of the MatMul, Gemm and Conv nodes of a graph for fixed input shapes."""
-    import onnx
-    from onnx import shape_inference
-
-    model = onnx.load(str(path), load_external_data=False)
-    for value in model.graph.input:
-        if value.name in inputs:
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, inputs[value.name]):
-                dim.Clear()
-                dim.dim_value = size
-    model = shape_inference.infer_shapes(model)
-    shapes = {}
-    for value in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        shapes[value.name] = [d.dim_value for d in value.type.tensor_type.shape.dim]
-    for tensor in model.graph.initializer:
-        shapes[tensor.name] = list(tensor.dims)
-    flops = 0.0
-    for node in model.graph.node:
-        out = shapes.get(node.output[0])
-        if not out or not all(out):
-            continue
-        if node.op_type in ("MatMul", "Gemm"):
-            a = shapes.get(node.input[0])
-            if a and a[-1]:
-                flops += 2 * float(np.prod(out)) * a[-1]
-        elif node.op_type == "Conv":
-            weight = shapes.get(node.input[1])
-            if weight:
-                flops += 2 * float(np.prod(out)) * float(np.prod(weight[1:]))
-    return flops
-
-
 def decode_step_bytes(folder: Path, manifest: dict, variant: str) -> int:
     """Bytes of the weights a later decoder step reads: the with-past branch's and shared ones.
 
@@ -228,6 +194,15 @@ class TorchSide:
         text = self.processor.batch_decode(ids, skip_special_tokens=False)[0]
         self.processor.post_process_generation(text, task=task, image_size=image.size)
         return ids[0].tolist(), time.perf_counter() - started
+
+    def vision_flops(self, image) -> float:
+        """FLOPs of one vision encoder pass, counted by PyTorch on the module itself."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        inputs = self.processor(text="<CAPTION>", images=image, return_tensors="pt")
+        with self.torch.no_grad(), FlopCounterMode(display=False) as counter:
+            self.model.get_image_features(inputs["pixel_values"])
+        return float(counter.get_total_flops())
 
     def vision(self, image) -> float:
         inputs = self.processor(text="<CAPTION>", images=image, return_tensors="pt")
@@ -387,10 +362,7 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict:
 
     progress("floors: matmul throughput, memory bandwidth")
     gflops, bandwidth = matmul_gflops(threads), memory_bandwidth()
-    side = int(manifest["model"]["image_size"])
-    vision_flops = graph_flops(
-        folder / manifest["variants"]["fp32"]["vision_encoder"]["file"], {"pixel_values": [1, 3, side, side]}
-    )
+    vision_flops = torch_side.vision_flops(image)
     report["floors"] = {
         "matmul_gflops": gflops,
         "memory_gb_s": bandwidth,
