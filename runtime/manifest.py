@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ModelFolderError
@@ -94,3 +95,19 @@ def verify_files(folder: str | os.PathLike, manifest: dict, names: list[str], fu
             raise ModelFolderError(f"{path} has {size} bytes; {MANIFEST} records {record['size']}")
         if full and sha256_file(path) != record["sha256"]:
             raise ModelFolderError(f"{path} does not match the sha256 recorded in {MANIFEST}")
+
+
+def update_manifest(folder: str | os.PathLike, change: Callable[[dict], None]) -> dict:
+    """Read flonnx.json, let `change(manifest)` edit it in place, and write it back atomically."""
+    manifest = read_manifest(folder)
+    change(manifest)
+    write_json_atomic(Path(folder) / MANIFEST, manifest)
+    return manifest
+
+
+def variant_files(manifest: dict, variant: str) -> dict[str, str]:
+    """Component -> file (relative to the folder) of one variant listed in the manifest."""
+    entry = manifest.get("variants", {}).get(variant)
+    if entry is None:
+        raise ModelFolderError(f"variant {variant!r} is not listed in {MANIFEST}")
+    return {name: entry[name]["file"] for name in COMPONENTS}
