@@ -1,7 +1,8 @@
 """`Florence2`: an export folder loaded into onnxruntime sessions, and the request pipeline.
 
 image -> preprocess -> vision_encoder -> [image features | prompt embeddings] -> encoder_model
--> greedy decoding on decoder_model_merged -> text -> the dict `post_process_generation` returns.
+-> greedy search, beam search or sampling on decoder_model_merged -> text -> the dict
+`post_process_generation` returns.
 """
 
 from __future__ import annotations
@@ -9,19 +10,22 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from .decoding import CacheLayout, GenerationOptions, greedy_decode
+from .beam import beam_search
+from .decoding import CacheLayout, GenerationOptions, Hypothesis, greedy_search
 from .errors import InputError, ModelFolderError
 from .manifest import COMPONENTS, CONFIG_FILES, read_manifest, verify_files
 from .postprocess import decode_generated, post_process
 from .preprocess import ImageInput, ImagePreprocessor, load_image
 from .prompts import TaskTable, build_prompt, check_length, prompt_ids
+from .sampling import resolve_seed, sample
+from .scores import box_scores
 from .sessions import check_providers, create_session, physical_cores
 
 VERIFY_MODES = ("size", "sha256")
@@ -51,6 +55,10 @@ class Result:
     answer: Any  # what post_process_generation returns under the task key
     text: str  # the generated text, special tokens kept
     tokens: list[int] = field(repr=False)  # generated ids, from the decoder start token to EOS
+    # with scores=True: the log-probability of each generated token (tokens[1:])
+    token_scores: list[float] | None = field(default=None, repr=False)
+    # with num_return_sequences > 1: the other sequences, best first
+    alternatives: tuple[Result, ...] = field(default=(), repr=False)
 
     def as_dict(self) -> dict:
         return {self.task: self.answer}
@@ -84,6 +92,8 @@ class Florence2:
         self.preprocessor = ImagePreprocessor.from_config(preprocessor)
         self.tasks = TaskTable.from_config(preprocessor)
         self.post_processor_config = preprocessor.get("post_processor_config") or {}
+        grounding = self.post_processor_config.get("phrase_grounding") or {}
+        self._banned_phrases = frozenset(grounding.get("banned_grounding_tokens", []))
         self.generation_config = _read_json(folder, "generation_config.json")
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.pad_token_id = int(self.generation_config.get("pad_token_id", 1))
@@ -179,17 +189,27 @@ class Florence2:
         requests: Sequence[Request],
         *,
         max_new_tokens: int | None = None,
+        scores: bool = False,
+        seed: int | None = None,
         timings: dict | None = None,
         **generation,
     ) -> list[Result]:
-        """Run several requests in one batch; each result equals running its request alone."""
+        """Run several requests in one batch; each result equals running its request alone.
+
+        `generation` overrides generation_config.json (num_beams, do_sample, length_penalty, ... as
+        in `transformers` generate). `scores=True` adds a "scores" list, one per box, to answers
+        with "bboxes"; `seed` makes sampling reproducible.
+        """
         requests = list(requests)
         if not requests:
             raise InputError("no requests to run")
         for request in requests:
             if not isinstance(request, Request):
                 raise InputError(f"run_batch takes Request objects, got {type(request).__name__}")
-        options = self.generation_options(max_new_tokens=max_new_tokens, **generation).greedy()
+        if not isinstance(scores, bool):
+            raise InputError(f"scores must be true or false, got {scores!r}")
+        seed = None if seed is None else resolve_seed(seed)
+        options = self.generation_options(max_new_tokens=max_new_tokens, **generation)
         features = self._features(requests, timings)
         started = time.perf_counter()
         embeds, mask = self._encoder_inputs(requests, features)
@@ -198,26 +218,41 @@ class Florence2:
             0
         ]
         encoded = time.perf_counter()
-        sequences = greedy_decode(
-            self._sessions["embed_tokens"],
-            self._sessions["decoder_model_merged"],
-            hidden,
-            mask,
-            options,
-            self.layout,
-            timings,
-        )
+        found = self._decode(hidden, mask, options, scores, seed, timings)
         decoded = time.perf_counter()
         results = []
-        for request, item, tokens in zip(requests, features, sequences):
-            text = decode_generated(self.tokenizer, tokens)
-            answer = post_process(text, request.task, item.image_size, self.post_processor_config, self.tasks)
-            results.append(Result(request.task, answer[request.task], text, tokens))
+        for request, item, hypotheses in zip(requests, features, found):
+            best, *others = (self._result(request, item, h, scores) for h in hypotheses)
+            results.append(replace(best, alternatives=tuple(others)) if others else best)
         if timings is not None:
             timings["prompt"] = prompted - started
             timings["encoder"] = encoded - prompted
             timings["postprocess"] = time.perf_counter() - decoded
         return results
+
+    def _decode(self, hidden, mask, options: GenerationOptions, scores: bool, seed, timings):
+        """Hypotheses per request: greedy (the fast path), beam search or sampling, as generate picks."""
+        sessions = (self._sessions["embed_tokens"], self._sessions["decoder_model_merged"])
+        if options.num_beams > 1:
+            return beam_search(*sessions, hidden, mask, options, self.layout, seed=seed, timings=timings)
+        if options.do_sample:
+            return sample(*sessions, hidden, mask, options, self.layout, seed, scores, timings)
+        return [[h] for h in greedy_search(*sessions, hidden, mask, options, self.layout, scores, timings)]
+
+    def _result(self, request: Request, item: ImageFeatures, hypothesis: Hypothesis, scores: bool) -> Result:
+        text = decode_generated(self.tokenizer, hypothesis.tokens)
+        answer = post_process(text, request.task, item.image_size, self.post_processor_config, self.tasks)
+        answer = answer[request.task]
+        if not scores:
+            return Result(request.task, answer, text, hypothesis.tokens)
+        token_scores = hypothesis.token_scores.tolist()
+        kind = self.tasks.post_processing_type(request.task)
+        boxes = box_scores(self.tokenizer, hypothesis.tokens, token_scores, kind, self._banned_phrases)
+        if boxes is not None and isinstance(answer, dict) and "bboxes" in answer:
+            if len(boxes) != len(answer["bboxes"]):
+                raise RuntimeError(f"{len(boxes)} scores for {len(answer['bboxes'])} boxes in {text!r}")
+            answer = {**answer, "scores": boxes}
+        return Result(request.task, answer, text, hypothesis.tokens, token_scores)
 
     def run(
         self,
@@ -227,5 +262,6 @@ class Florence2:
         region: str | Sequence[float] | None = None,
         **options,
     ) -> dict:
-        """`{task: answer}` for one image, as `post_process_generation` returns it."""
+        """`{task: answer}` for one image, as `post_process_generation` returns it; `options` as for
+        `run_batch` (max_new_tokens, num_beams, scores, seed, ...)."""
         return self.run_batch([Request(image, task, text, region)], **options)[0].as_dict()

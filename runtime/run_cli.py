@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region", type=_box, help="x1,y1,x2,y2 pixel box for the REGION_TO_* tasks")
     parser.add_argument("--variant", default="fp32", help="model variant from flonnx.json (default fp32)")
     parser.add_argument("--max-new-tokens", type=int, help="override generation_config.json's length")
+    parser.add_argument("--num-beams", type=int, help="beam width, 1: greedy (default: generation_config)")
+    parser.add_argument("--do-sample", action="store_true", help="sample; with num_beams > 1, beam-sample")
+    parser.add_argument("--seed", type=int, help="seed for --do-sample: the same seed, the same output")
+    parser.add_argument("--scores", action="store_true", help='add per-box "scores" to answers with boxes')
     parser.add_argument("--threads", type=int, help="onnxruntime threads (default: physical cores)")
     parser.add_argument("--draw", metavar="OUT.png", help="draw the results onto a copy of the image")
     parser.add_argument("--verbose", action="store_true", help="add stage timings to each result")
@@ -64,7 +68,15 @@ def main(args: argparse.Namespace) -> int:
             region = args.region if takes_input and task in model.tasks.region_tasks else None
             text = args.text if takes_input and region is None else None
             requests.append(Request(features, task, text, region))
-        results = model.run_batch(requests, max_new_tokens=args.max_new_tokens, timings=timings)
+        results = model.run_batch(
+            requests,
+            max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams,
+            do_sample=True if args.do_sample else None,
+            seed=args.seed,
+            scores=args.scores,
+            timings=timings,
+        )
         for result in results:
             record = {"image": image_path, **result.as_dict()}
             if args.verbose:

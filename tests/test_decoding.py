@@ -3,7 +3,6 @@ on a fake merged decoder that checks every feed it receives."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import FrozenInstanceError, fields
 from types import SimpleNamespace
 
@@ -246,6 +245,7 @@ def test_from_config_reads_generation_config():
         decoder_start_token_id=2,
         forced_bos_token_id=0,
         forced_eos_token_id=2,
+        early_stopping=True,
     )
 
 
@@ -359,47 +359,15 @@ def test_unknown_overrides_list_the_valid_options():
 
 
 def test_unknown_config_keys_are_ignored():
-    options = GenerationOptions.from_config({"temperature": 0.7, "top_k": 5, "early_stopping": True}, 1024)
+    options = GenerationOptions.from_config(
+        {"output_scores": True, "use_cache": True, "typical_p": 0.9}, 1024
+    )
     assert options == GenerationOptions.from_config({}, 1024)
 
 
 def test_options_are_frozen():
     with pytest.raises(FrozenInstanceError):
         GenerationOptions().num_beams = 3
-
-
-def test_greedy_warns_once_for_beams():
-    options = GenerationOptions(num_beams=3, no_repeat_ngram_size=3)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        greedy = options.greedy()
-    assert len(caught) == 1 and issubclass(caught[0].category, UserWarning)
-    message = str(caught[0].message)
-    assert "num_beams=3" in message and "greed" in message.lower()  # "decodes greedily"
-    assert greedy == GenerationOptions(num_beams=1, no_repeat_ngram_size=3)
-    assert options.num_beams == 3
-
-
-def test_greedy_warns_for_sampling():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        greedy = GenerationOptions(do_sample=True).greedy()
-    assert len(caught) == 1 and "do_sample" in str(caught[0].message)
-    assert not greedy.do_sample
-
-
-def test_greedy_warns_once_for_beams_and_sampling():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        GenerationOptions(num_beams=3, do_sample=True).greedy()
-    assert len(caught) == 1 and "num_beams=3" in str(caught[0].message)
-
-
-def test_greedy_is_silent_when_already_greedy():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        options = GenerationOptions(num_beams=1).greedy()
-        assert options.greedy() == options == GenerationOptions()
 
 
 def test_cache_layout_names():

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +68,10 @@ def model(tiny_export_dir) -> Florence2:
 
 
 def _run(model, requests, **options):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the checkpoint asks for num_beams=3: tested on its own below
-        return model.run_batch(
-            requests, max_new_tokens=options.pop("max_new_tokens", MAX_NEW_TOKENS), **options
-        )
+    """Greedy, like the reference here; the checkpoint's num_beams=3 is tested in test_beam.py."""
+    options.setdefault("max_new_tokens", MAX_NEW_TOKENS)
+    options.setdefault("num_beams", 1)
+    return model.run_batch(requests, **options)
 
 
 @pytest.mark.parametrize(("task", "text"), TASKS, ids=[t for t, _ in TASKS])
@@ -162,15 +160,6 @@ def test_per_call_options_leave_no_state(model):
     once_more = _run(model, [Request(image, "<CAPTION>")], max_new_tokens=5)[0]
     assert len(first.tokens) == 6 and len(again.tokens) == MAX_NEW_TOKENS + 1
     assert first.tokens == once_more.tokens
-
-
-def test_beam_config_decodes_greedily_with_one_warning(model):
-    assert model.generation_config["num_beams"] == 3
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.run(_image(0), "<CAPTION>", max_new_tokens=3)
-    messages = [str(w.message) for w in caught]
-    assert len(messages) == 1 and "num_beams=3" in messages[0] and "greedily" in messages[0]
 
 
 @pytest.mark.parametrize(
@@ -272,7 +261,18 @@ def test_cli_run_prints_json_per_image_and_task(tiny_export_dir, tmp_path, capsy
 def test_cli_run_result_equals_api(tiny_export_dir, model, tmp_path, capsys):
     path = tmp_path / "image.png"
     _image(3).save(path)
-    assert cli.main(["run", str(tiny_export_dir), str(path), "--task", "<OD>", "--max-new-tokens", "20"]) == 0
+    argv = [
+        "run",
+        str(tiny_export_dir),
+        str(path),
+        "--task",
+        "<OD>",
+        "--max-new-tokens",
+        "20",
+        "--num-beams",
+        "1",
+    ]
+    assert cli.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     with Image.open(path) as image:
         expected = _run(model, [Request(image.copy(), "<OD>")], max_new_tokens=20)[0].as_dict()

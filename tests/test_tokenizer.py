@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from flonnx.export.testmodels import load_tokenizer_json
 from tokenizers import Tokenizer
+
+from flonnx.export.testmodels import load_tokenizer_json
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "export" / "data" / "florence2_tokenizer.json.gz"
