@@ -29,6 +29,7 @@ PROFILES = {"caption": ("<CAPTION>", 20), "detection": ("<OD>", 128)}
 SIZES = ("tiny", "base", "large")
 RECIPES = ("int8", "int4")
 SERVER_BATCHES = (1, 4, 8)
+BEAMS = 3
 
 
 @dataclass
@@ -210,7 +211,7 @@ class TorchSide:
             return _timed(lambda: self.model.get_image_features(inputs["pixel_values"]))
 
 
-def _run_flonnx(model, image, task: str, new_tokens: int, batch: int = 1):
+def _run_flonnx(model, image, task: str, new_tokens: int, batch: int = 1, beams: int = 1):
     from flonnx.runtime import Request
 
     timings: dict = {}
@@ -219,7 +220,7 @@ def _run_flonnx(model, image, task: str, new_tokens: int, batch: int = 1):
         [Request(image, task)] * batch,
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
-        num_beams=1,
+        num_beams=beams,
         timings=timings,
     )
     return results, time.perf_counter() - started, timings
@@ -343,6 +344,21 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict:
         torch_vision.add(torch_side.vision(image))
     report["torch_vision"] = torch_vision.summary()
 
+    if "detection" in options.profiles:
+        task, new_tokens = PROFILES["detection"]
+        progress(f"beam search: {task}, {new_tokens} tokens, num_beams={BEAMS} against greedy")
+        report["beam"] = {}
+        for variant, model in models.items():
+            greedy, beam = Timing(), Timing()
+            for _ in range(options.repeats):
+                greedy.add(_run_flonnx(model, image, task, new_tokens)[1])
+                beam.add(_run_flonnx(model, image, task, new_tokens, beams=BEAMS)[1])
+            report["beam"][variant] = {
+                "greedy": greedy.summary(),
+                "beam": beam.summary(),
+                "cost": beam.median / greedy.median,
+            }
+
     if options.server and "detection" in options.profiles:
         progress("server profile: detection, batch 1, 4, 8")
         report["server"] = {}
@@ -438,6 +454,15 @@ def markdown(report: dict) -> str:
             f"- decode step {variant}: {row['weight_bytes'] / 1e6:.0f} MB of weights -> "
             f"floor {1000 * row['floor_s']:.1f} ms{over}"
         )
+    if "beam" in report:
+        lines += [
+            "",
+            f"Beam search (detection, num_beams={BEAMS}) against greedy: "
+            + "; ".join(
+                f"{v} {r['beam']['median']:.2f} s / {r['greedy']['median']:.2f} s = {r['cost']:.2f}x"
+                for v, r in report["beam"].items()
+            ),
+        ]
     if "server" in report:
         lines += [
             "",
