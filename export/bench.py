@@ -239,7 +239,10 @@ from PIL import Image
 image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
 model.run(image, "<CAPTION>", max_new_tokens=20, min_new_tokens=20, num_beams=1)
 heavy = sorted({"torch", "transformers", "onnx", "onnxscript"} & {m.split(".")[0] for m in sys.modules})
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM is this process's own peak; ru_maxrss would carry the parent's peak across fork + exec.
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+peak = int(status["VmHWM"].split()[0]) * 1024 if "VmHWM" in status else (
+    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 print(json.dumps({"cold_start_s": cold, "peak_rss_bytes": peak, "heavy_imports": heavy}))
 """
 
