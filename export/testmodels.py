@@ -179,10 +179,13 @@ def get_shape(name: str) -> Shape:
     return SHAPES[name]
 
 
-def build_config(shape: str) -> Florence2Config:
+def build_config(
+    shape: str | Shape, vision_overrides: dict | None = None, text_overrides: dict | None = None
+) -> Florence2Config:
+    """The Florence2Config of a named shape (or a Shape), with optional sub-config overrides."""
     from transformers import BartConfig, Florence2Config, Florence2VisionConfig
 
-    s = get_shape(shape)
+    s = get_shape(shape) if isinstance(shape, str) else shape
     vision = Florence2VisionConfig(
         embed_dim=list(s.embed_dim),
         depths=list(s.depths),
@@ -190,7 +193,7 @@ def build_config(shape: str) -> Florence2Config:
         num_groups=list(s.num_groups),
         projection_dim=s.d_model,
         initializer_range=s.vision_init_std,
-        **VISION_DEFAULTS,
+        **{**VISION_DEFAULTS, **(vision_overrides or {})},
     )
     text = BartConfig(
         d_model=s.d_model,
@@ -201,7 +204,7 @@ def build_config(shape: str) -> Florence2Config:
         encoder_ffn_dim=s.ffn_dim,
         decoder_ffn_dim=s.ffn_dim,
         init_std=s.text_init_std,
-        **TEXT_DEFAULTS,
+        **{**TEXT_DEFAULTS, **(text_overrides or {})},
     )
     return Florence2Config(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID)
 

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tasks import TASKS
 
 from flonnx.runtime import cli
 from flonnx.runtime.beam import beam_search, top_k
@@ -31,24 +32,6 @@ from flonnx.runtime.scores import box_scores
 
 MAX_NEW_TOKENS = 16
 EOS = 2
-REGION = "<loc_100><loc_150><loc_700><loc_900>"
-TASKS = [
-    ("<CAPTION>", None),
-    ("<DETAILED_CAPTION>", None),
-    ("<MORE_DETAILED_CAPTION>", None),
-    ("<OD>", None),
-    ("<DENSE_REGION_CAPTION>", None),
-    ("<REGION_PROPOSAL>", None),
-    ("<OCR>", None),
-    ("<OCR_WITH_REGION>", None),
-    ("<CAPTION_TO_PHRASE_GROUNDING>", "a red car next to a tree"),
-    ("<REFERRING_EXPRESSION_SEGMENTATION>", "the red car"),
-    ("<REGION_TO_SEGMENTATION>", REGION),
-    ("<OPEN_VOCABULARY_DETECTION>", "car"),
-    ("<REGION_TO_CATEGORY>", REGION),
-    ("<REGION_TO_DESCRIPTION>", REGION),
-    ("<REGION_TO_OCR>", REGION),
-]
 # A repetition penalty below 1 rewards tokens already seen, the decoder start token (= EOS) among
 # them: the random tiny model then finishes hypotheses before max_new_tokens, which is what
 # length_penalty and early_stopping act on (on this image, <OD> and <OCR> do).

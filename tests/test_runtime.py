@@ -11,31 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tasks import REGION, TASKS
 
 from flonnx.runtime import cli
 from flonnx.runtime.errors import FlonnxError, InputError, ModelFolderError, PromptError
 from flonnx.runtime.model import Florence2, Request
 
 MAX_NEW_TOKENS = 40
-REGION = "<loc_100><loc_150><loc_700><loc_900>"
-# Every task token with an input for those that need one.
-TASKS = [
-    ("<CAPTION>", None),
-    ("<DETAILED_CAPTION>", None),
-    ("<MORE_DETAILED_CAPTION>", None),
-    ("<OD>", None),
-    ("<DENSE_REGION_CAPTION>", None),
-    ("<REGION_PROPOSAL>", None),
-    ("<OCR>", None),
-    ("<OCR_WITH_REGION>", None),
-    ("<CAPTION_TO_PHRASE_GROUNDING>", "a red car next to a tree"),
-    ("<REFERRING_EXPRESSION_SEGMENTATION>", "the red car"),
-    ("<REGION_TO_SEGMENTATION>", REGION),
-    ("<OPEN_VOCABULARY_DETECTION>", "car"),
-    ("<REGION_TO_CATEGORY>", REGION),
-    ("<REGION_TO_DESCRIPTION>", REGION),
-    ("<REGION_TO_OCR>", REGION),
-]
 
 
 def _image(seed: int, size=(400, 300)) -> Image.Image:

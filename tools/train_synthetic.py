@@ -120,28 +120,12 @@ AUX_WORDS = ("none", *synthetic.WORDS)
 
 
 def build_config():
-    from transformers import BartConfig, Florence2Config, Florence2VisionConfig
-
-    s = SHAPE
-    vision = Florence2VisionConfig(
-        embed_dim=list(s.embed_dim),
-        depths=list(s.depths),
-        num_heads=list(s.num_heads),
-        num_groups=list(s.num_groups),
-        projection_dim=s.d_model,
-        **{**testmodels.VISION_DEFAULTS, "drop_path_rate": 0.0},
+    # No dropout and no drop-path: the model is small and the data endless.
+    return testmodels.build_config(
+        SHAPE,
+        vision_overrides={"drop_path_rate": 0.0},
+        text_overrides={"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0},
     )
-    text = BartConfig(
-        d_model=s.d_model,
-        encoder_layers=s.layers,
-        decoder_layers=s.layers,
-        encoder_attention_heads=s.attention_heads,
-        decoder_attention_heads=s.attention_heads,
-        encoder_ffn_dim=s.ffn_dim,
-        decoder_ffn_dim=s.ffn_dim,
-        **{**testmodels.TEXT_DEFAULTS, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0},
-    )
-    return Florence2Config(vision_config=vision, text_config=text, image_token_id=testmodels.IMAGE_TOKEN_ID)
 
 
 def generation_config():
