@@ -120,7 +120,7 @@ def test_unknown_shape_lists_the_valid_ones() -> None:
         testmodels.build_model("huge")
 
 
-@pytest.mark.slow
+# Built on the meta device: no weights are allocated, so this is fast.
 @pytest.mark.parametrize(("shape", "millions"), [("base", 231.4), ("large", 770.2)])
 def test_parameter_counts_match_the_released_models(shape: str, millions: float) -> None:
     assert testmodels.parameter_count(shape) / 1e6 == pytest.approx(millions, abs=0.1)
