@@ -41,7 +41,9 @@ def _rename_in_graph(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
         tensor.name = mapping.get(tensor.name, tensor.name)
 
 
-def _branch(model: onnx.ModelProto, prefix: str, shared: dict[tuple, str]) -> onnx.GraphProto:
+def _branch(
+    model: onnx.ModelProto, prefix: str, shared: dict[tuple, str], keys: dict[str, tuple]
+) -> onnx.GraphProto:
     """The model's graph as an `If` branch: no inputs, shared weights read from the outer scope."""
     graph = onnx.GraphProto()
     graph.CopyFrom(model.graph)
@@ -49,8 +51,7 @@ def _branch(model: onnx.ModelProto, prefix: str, shared: dict[tuple, str]) -> on
     outer = {value.name for value in graph.input}
     mapping: dict[str, str] = {}
     for tensor in graph.initializer:
-        key = _content_key(tensor)
-        mapping[tensor.name] = shared.get(key) or prefix + tensor.name
+        mapping[tensor.name] = shared.get(keys[tensor.name]) or prefix + tensor.name
     for node in graph.node:
         for name in node.output:
             if name and name not in outer:
@@ -87,17 +88,22 @@ def merge_decoders(no_past: onnx.ModelProto, with_past: onnx.ModelProto, heads: 
     if opsets != {(o.domain, o.version) for o in with_past.opset_import}:
         raise ValueError("the two decoder graphs were exported with different opsets")
 
-    keys_with_past = {_content_key(t) for t in with_past.graph.initializer if not _stays_in_branch(t)}
+    # Hashing the weights is most of the merge's time: each tensor is hashed once.
+    keys_no_past = {t.name: _content_key(t) for t in no_past.graph.initializer}
+    keys_with_past = {t.name: _content_key(t) for t in with_past.graph.initializer}
+    movable_with_past = {
+        keys_with_past[t.name] for t in with_past.graph.initializer if not _stays_in_branch(t)
+    }
     shared_tensors: dict[tuple, TensorProto] = {}
     shared: dict[tuple, str] = {}
     for tensor in no_past.graph.initializer:
-        key = _content_key(tensor)
-        if key in keys_with_past and key not in shared and not _stays_in_branch(tensor):
+        key = keys_no_past[tensor.name]
+        if key in movable_with_past and key not in shared and not _stays_in_branch(tensor):
             shared[key] = f"shared/{tensor.name}"
             shared_tensors[key] = tensor
 
-    else_branch = _branch(no_past, "no_past/", shared)
-    then_branch = _branch(with_past, "with_past/", shared)
+    else_branch = _branch(no_past, "no_past/", shared, keys_no_past)
+    then_branch = _branch(with_past, "with_past/", shared, keys_with_past)
     present_names = [value.name for value in no_past.graph.output]
     with_past_outputs = {value.name for value in with_past.graph.output}
     missing = [name for name in present_names if name not in with_past_outputs]

@@ -207,19 +207,15 @@ class GraphValidator:
         return [check for check in self.checks if not check.passed]
 
 
-def onnx_greedy(onnx_dir: Path, pixel_values: np.ndarray, text_ids: np.ndarray, options) -> list[int]:
-    """Greedy tokens from the four graphs, with the runtime's decoding loop."""
+def onnx_greedy(sessions: dict, pixel_values: np.ndarray, text_ids: np.ndarray, options) -> list[int]:
+    """Greedy tokens from the four graphs (`sessions` by component name), with the runtime's loop."""
     from flonnx.runtime.decoding import CacheLayout, greedy_decode
 
-    vision, embed = _session(onnx_dir / "vision_encoder.onnx"), _session(onnx_dir / "embed_tokens.onnx")
-    encoder, decoder = (
-        _session(onnx_dir / "encoder_model.onnx"),
-        _session(onnx_dir / "decoder_model_merged.onnx"),
-    )
-    features = vision.run(None, {"pixel_values": pixel_values})[0]
+    embed, decoder = sessions["embed_tokens"], sessions["decoder_model_merged"]
+    features = sessions["vision_encoder"].run(None, {"pixel_values": pixel_values})[0]
     embeds = np.concatenate([features, embed.run(None, {"input_ids": text_ids})[0]], axis=1)
     mask = np.ones(embeds.shape[:2], np.int64)
-    hidden = encoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask})[0]
+    hidden = sessions["encoder_model"].run(None, {"inputs_embeds": embeds, "attention_mask": mask})[0]
     key = next(i for i in decoder.get_inputs() if i.name.startswith("past_key_values"))
     layers = sum(1 for i in decoder.get_inputs() if i.name.endswith(".decoder.key"))
     layout = CacheLayout(layers=layers, heads=key.shape[1], head_dim=key.shape[3])
@@ -245,6 +241,8 @@ def token_parity(
         do_sample=False,
     )
     n_image = processor.num_image_tokens
+    names = ("vision_encoder", "embed_tokens", "encoder_model", "decoder_model_merged")
+    sessions = {name: _session(onnx_dir / f"{name}.onnx") for name in names}
     results = []
     for task in tasks:
         inputs = processor(text=task, images=image, return_tensors="pt")
@@ -253,7 +251,7 @@ def token_parity(
                 0
             ].tolist()
         actual = onnx_greedy(
-            onnx_dir, inputs["pixel_values"].numpy(), inputs["input_ids"][:, n_image:].numpy(), options
+            sessions, inputs["pixel_values"].numpy(), inputs["input_ids"][:, n_image:].numpy(), options
         )
         results.append(
             {
