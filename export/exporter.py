@@ -304,6 +304,13 @@ def _source(src: str, model) -> dict:
     }
 
 
+def _entry(folder: Path, component: str) -> dict:
+    entry = {"file": f"onnx/{component}.onnx", "dtype": "fp32"}
+    if (folder / f"onnx/{component}.onnx.data").is_file():  # a graph over 2 GB keeps its weights beside it
+        entry["data"] = [f"onnx/{component}.onnx.data"]
+    return entry
+
+
 def build_manifest(src: str, model, folder: Path, image_size: int, report: dict, io_names: dict) -> dict:
     shape = DecoderShape.of(model)
     text = model.config.text_config
@@ -325,7 +332,7 @@ def build_manifest(src: str, model, folder: Path, image_size: int, report: dict,
             "vocab_size": text.vocab_size,
             "max_position_embeddings": text.max_position_embeddings,
         },
-        "variants": {"fp32": {name: {"file": f"onnx/{name}.onnx", "dtype": "fp32"} for name in COMPONENTS}},
+        "variants": {"fp32": {name: _entry(folder, name) for name in COMPONENTS}},
         "io": io_names,
         "files": {name: file_record(folder, name) for name in files},
         "validation": report,

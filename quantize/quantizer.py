@@ -429,3 +429,109 @@ def quantize_component(model: onnx.ModelProto, recipe: ComponentRecipe, vocab_si
             f"graph {model.graph.name!r} keeps {after} of its {before} float bytes: nothing was quantized"
         )
     return result
+
+
+# -- the tied embedding, stored once ---------------------------------------------------------------
+
+DATA_ALIGNMENT = 4096  # external tensors start on page boundaries, so onnxruntime can map them
+
+
+@dataclass(frozen=True)
+class TiedEmbedding:
+    """The embedding table both graphs read: 8-bit codes and block scales in one external file."""
+
+    location: str  # file name, relative to the graphs that reference it
+    data: bytes
+    rows: int
+    columns: int
+    block_size: int
+
+
+def _external(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    from onnx.external_data_helper import set_external_data
+
+    if not tensor.HasField("raw_data"):
+        tensor.raw_data = numpy_helper.to_array(tensor).tobytes()
+    set_external_data(tensor, location, offset=offset, length=length)
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+
+
+def tie_embedding(
+    embed: onnx.ModelProto, decoder: onnx.ModelProto, vocab_size: int, location: str
+) -> TiedEmbedding | None:
+    """Store the embedding table once for both graphs, in place; None when the two are not tied.
+
+    The decoder's lm_head must already be an 8-bit MatMulNBits (B [vocab, blocks, block] with
+    block scales [vocab, blocks], default zero point 128). Its codes are the embedding table's
+    own rows, so embed_tokens' Gather becomes a GatherBlockQuantized over the same bytes (the
+    contrib op follows MatMulNBits' conventions for uint8 data). Both graphs then reference one
+    external file. The tie is proved, not assumed: the fp32 table must pack to exactly lm_head's
+    codes and scales.
+    """
+    weights = _weights(decoder)
+    lm_head = [
+        node
+        for _, node in iter_nodes(decoder.graph)
+        if node.op_type == "MatMulNBits"
+        and _attribute(node, "N", 0) == vocab_size
+        and _attribute(node, "bits", 0) == 8
+    ]
+    # One node per decoder branch, all reading the same weights; no zero points (the default 128).
+    if not lm_head or len({tuple(node.input[1:]) for node in lm_head}) != 1 or len(lm_head[0].input) != 3:
+        return None
+    node = lm_head[0]
+    columns, block_size = _attribute(node, "K", 0), _attribute(node, "block_size", 0)
+    if any((_attribute(n, "K", 0), _attribute(n, "block_size", 0)) != (columns, block_size) for n in lm_head):
+        return None
+    if columns % block_size:
+        return None  # padded blocks: the codes are not a [vocab, K] table
+    codes_weight, scales_weight = weights.get(node.input[1]), weights.get(node.input[2])
+    embed_weights = _weights(embed)
+    gathers = [
+        (graph, index, graph_node)
+        for graph in iter_graphs(embed.graph)
+        for index, graph_node in enumerate(graph.node)
+        if graph_node.op_type == "Gather"
+        and _float_matrix(embed_weights, graph_node.input[0]) is not None
+        and list(embed_weights[graph_node.input[0]].tensor.dims) == [vocab_size, columns]
+    ]
+    if codes_weight is None or scales_weight is None or len(gathers) != 1:
+        return None
+    graph, index, gather = gathers[0]
+    if _attribute(gather, "axis", 0) != 0:
+        return None
+    codes = numpy_helper.to_array(codes_weight.tensor)
+    scales = numpy_helper.to_array(scales_weight.tensor)
+    table = embed_weights[gather.input[0]].tensor
+    packed_codes, packed_scales = pack_nbits(numpy_helper.to_array(table).T, 8, block_size)
+    if not (np.array_equal(packed_codes, codes) and np.array_equal(packed_scales, scales)):
+        return None  # untied checkpoint: each graph keeps its own table
+
+    scales_offset = -(-codes.nbytes // DATA_ALIGNMENT) * DATA_ALIGNMENT
+    data = codes.tobytes() + bytes(scales_offset - codes.nbytes) + scales.tobytes()
+    _external(codes_weight.tensor, location, 0, codes.nbytes)
+    _external(scales_weight.tensor, location, scales_offset, scales.nbytes)
+
+    codes_name, scales_name = f"{table.name}_tied_q8", f"{table.name}_tied_q8_scales"
+    codes_table = numpy_helper.from_array(codes.reshape(vocab_size, columns), codes_name)
+    scales_table = numpy_helper.from_array(scales, scales_name)
+    _external(codes_table, location, 0, codes.nbytes)
+    _external(scales_table, location, scales_offset, scales.nbytes)
+    embed_weights[gather.input[0]].graph.initializer.extend([codes_table, scales_table])
+    graph.node[index].CopyFrom(
+        helper.make_node(
+            "GatherBlockQuantized",
+            [codes_name, gather.input[1], scales_name],
+            list(gather.output),
+            name=gather.name or f"{gather.output[0]}/tied",
+            domain=MS_DOMAIN,
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=block_size,
+            bits=8,
+        )
+    )
+    _drop_unused(embed, {table.name})
+    _ensure_opset(embed, MS_DOMAIN, 1)
+    return TiedEmbedding(location, data, vocab_size, columns, block_size)

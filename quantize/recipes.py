@@ -119,6 +119,9 @@ class Recipe:
     components: Mapping[str, ComponentRecipe]
     description: str = ""
     overrides: Mapping[str, str] = field(default_factory=dict)
+    # Florence-2 ties lm_head to the token embedding: store that table once, as lm_head's 8-bit
+    # codes, read by embed_tokens too (applies when both are quantized and lm_head is 8-bit).
+    tie_embedding: bool = True
 
     def __post_init__(self):
         if not VARIANT_NAME.fullmatch(self.name):
@@ -130,6 +133,8 @@ class Recipe:
         for component, value in self.components.items():
             if not isinstance(value, ComponentRecipe):
                 raise InputError(f"recipe {self.name!r}: {component} is not a ComponentRecipe")
+        if not isinstance(self.tie_embedding, bool):
+            raise InputError(f"recipe {self.name!r}: tie_embedding must be True or False")
 
     def component(self, name: str) -> ComponentRecipe:
         return self.components[name]
@@ -148,6 +153,7 @@ class Recipe:
             "name": self.name,
             "suffix": self.suffix,
             "overrides": dict(self.overrides),
+            "tie_embedding": self.tie_embedding,
             "components": {name: self.components[name].as_dict() for name in COMPONENTS},
         }
 

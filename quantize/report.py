@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from flonnx.runtime.decoding import CacheLayout, GenerationOptions, greedy_decode, process_logits
 from flonnx.runtime.errors import InputError
-from flonnx.runtime.manifest import COMPONENTS, read_manifest, variant_files
+from flonnx.runtime.manifest import COMPONENTS, component_data_files, read_manifest, variant_files
 from flonnx.runtime.preprocess import ImagePreprocessor, load_preprocessor_config
 from flonnx.runtime.prompts import TaskTable, build_prompt, check_length, prompt_ids
 from flonnx.runtime.sessions import check_providers, create_session, physical_cores
@@ -447,17 +447,26 @@ def measure(
 
 
 def _component_reports(manifest: dict, files: dict, variant: str, errors: dict) -> list[ComponentReport]:
+    """One row per component; its size counts its graph and the external data it reads, a data
+    file two graphs share (the tied embedding) counted once, with the first."""
     records = manifest.get("files", {})
+    counted: dict[str, set[str]] = {variant: set(), "fp32": set()}
+
+    def size(which: str, component: str) -> int:
+        names = [files[which][component], *component_data_files(manifest, which, component)]
+        fresh = [name for name in names if name not in counted[which]]
+        counted[which].update(fresh)
+        return sum(int(records.get(name, {}).get("size", 0)) for name in fresh)
+
     reports = []
     for name in COMPONENTS:
-        file = files[variant][name]
         reports.append(
             ComponentReport(
                 component=name,
                 dtype=manifest["variants"][variant][name].get("dtype", "?"),
-                file=file,
-                size=int(records.get(file, {}).get("size", 0)),
-                fp32_size=int(records.get(files["fp32"][name], {}).get("size", 0)),
+                file=files[variant][name],
+                size=size(variant, name),
+                fp32_size=size("fp32", name),
                 max_abs_error=float(errors[name].max_abs),
                 mean_abs_error=float(errors[name].mean_abs),
                 cosine=float(errors[name].cosine),

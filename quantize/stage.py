@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -24,12 +25,13 @@ from flonnx.runtime.manifest import (
     read_manifest,
     sha256_file,
     update_manifest,
+    variant_data_files,
     variant_files,
     verify_files,
 )
 
 from .calibration import load_images
-from .quantizer import QuantizeError, float_bytes, quantize_component
+from .quantizer import QuantizeError, float_bytes, quantize_component, tie_embedding
 from .recipes import VARIANT_NAME, ComponentRecipe, Recipe, get_recipe
 from .report import Report, ReportOptions, measure
 
@@ -86,17 +88,37 @@ def _load_onnx(path: Path):
         raise ModelFolderError(f"cannot read {path}: not a valid ONNX model ({first})") from None
 
 
-def _write_temporary(path: Path, data: bytes) -> Path:
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+def _write_staged(staging: Path, name: str, data: bytes) -> Path:
+    """Write a new file under its final name in a staging folder beside its destination: external
+    data resolves there while the graph is checked, and a rename moves it into place."""
+    staging.mkdir(exist_ok=True)
+    path = staging / name
+    with open(path, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    return path
+
+
+def _stage_existing(staging: Path, path: Path) -> None:
+    """Make an unchanged data file visible in the staging folder, for the load check."""
+    target = staging / path.name
+    if not target.exists():
+        staging.mkdir(exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+
+
+def _quantize_one(component: str, source, component_recipe: ComponentRecipe, vocab_size: int):
     try:
-        with open(temporary, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+        return quantize_component(source, component_recipe, vocab_size)
+    except FlonnxError:
         raise
-    return temporary
+    except Exception as error:  # onnxruntime's quantizer raises many types on odd graphs
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise QuantizeError(f"cannot quantize {component}: {type(error).__name__}: {first}") from error
 
 
 def _check_loads(path: Path, what: str) -> None:
@@ -121,19 +143,23 @@ def _versions() -> dict:
     return {"flonnx": flonnx_version, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _referenced(manifest: dict) -> set[str]:
-    return {entry["file"] for variant in manifest.get("variants", {}).values() for entry in variant.values()}
+def _variant_files(manifest: dict, variant: str) -> set[str]:
+    """The graphs and external-data files a variant reads."""
+    if variant not in manifest.get("variants", {}):
+        return set()
+    return {*variant_files(manifest, variant).values(), *variant_data_files(manifest, variant)}
 
 
 def _forget(manifest: dict, variant: str) -> list[str]:
     """Remove a variant and the records of files no other variant uses; returns those files."""
+    gone = _variant_files(manifest, variant)
     manifest.get("variants", {}).pop(variant, None)
     manifest.get("quantization", {}).pop(variant, None)
-    still = _referenced(manifest)
+    still = set().union(*(_variant_files(manifest, other) for other in manifest.get("variants", {})))
     dropped = [
         name
         for name in list(manifest.get("files", {}))
-        if name.startswith("onnx/") and name.endswith(".onnx") and name not in still
+        if name.startswith("onnx/") and (name.endswith(".onnx") or name in gone) and name not in still
     ]
     for name in dropped:
         del manifest["files"][name]
@@ -186,8 +212,7 @@ def quantize(
             f"{folder} holds no fp32 export to quantize (flonnx.json lists no fp32 variant)"
         )
     sources = variant_files(manifest, "fp32")
-    data_files = [file for file in manifest.get("files", {}) if file.endswith(".data")]
-    verify_files(folder, manifest, [*sources.values(), *data_files], full=True)
+    verify_files(folder, manifest, sorted(_variant_files(manifest, "fp32")), full=True)
     vocab_size = int(manifest["model"]["vocab_size"])
 
     previous = manifest.get("quantization", {}).get(name)
@@ -201,34 +226,45 @@ def quantize(
         else f"onnx/{component}{suffix}.onnx"
         for component in COMPONENTS
     }
+    tie_target = f"onnx/embed_tokens{suffix}.onnx.data"
     _check_targets(manifest, name, targets)
+    staging = folder / "onnx" / f".quantize-{os.getpid()}"
     records: dict[str, dict] = {}
     pending: dict[str, Path] = {}
     weights: dict[str, dict] = {}
+    models: dict = {}
+    data_of: dict[str, list[str]] = {}
     try:
         for component in COMPONENTS:
             component_recipe = recipe.component(component)
-            target = targets[component]
             if component_recipe.dtype == "fp32":
-                progress(f"{component}: kept as fp32 ({target})")
+                progress(f"{component}: kept as fp32 ({targets[component]})")
                 continue
-            progress(f"{component}: {describe(component_recipe)} -> {target}")
+            progress(f"{component}: {describe(component_recipe)} -> {targets[component]}")
             source = _load_onnx(folder / sources[component])
-            try:
-                model = quantize_component(source, component_recipe, vocab_size)
-            except FlonnxError:
-                raise
-            except Exception as error:  # onnxruntime's quantizer raises many types on odd graphs
-                first = (str(error).strip().splitlines() or [""])[0]
-                raise QuantizeError(
-                    f"cannot quantize {component}: {type(error).__name__}: {first}"
-                ) from error
-            weights[component] = {"fp32": float_bytes(source), "quantized": float_bytes(model)}
+            models[component] = _quantize_one(component, source, component_recipe, vocab_size)
+            weights[component] = {"fp32": float_bytes(source), "quantized": float_bytes(models[component])}
             del source
-            data = model.SerializeToString()
-            del model
+
+        outputs: dict[str, bytes] = {}
+        if recipe.tie_embedding and {"embed_tokens", "decoder_model_merged"} <= set(models):
+            embed = _load_onnx(folder / sources["embed_tokens"])
+            tied = tie_embedding(embed, models["decoder_model_merged"], vocab_size, Path(tie_target).name)
+            if tied is None:
+                progress("lm_head is not the 8-bit embedding table: embed_tokens keeps its own table")
+            else:
+                progress(f"embed_tokens and lm_head: one tied 8-bit table -> {tie_target}")
+                models["embed_tokens"] = embed
+                weights["embed_tokens"]["quantized"] = float_bytes(embed)
+                outputs[tie_target] = tied.data  # first: it is renamed into place before its readers
+                data_of = {"embed_tokens": [tie_target], "decoder_model_merged": [tie_target]}
+        for component in list(models):
+            data = models.pop(component).SerializeToString()
             if len(data) > PROTOBUF_LIMIT:
                 raise QuantizeError(f"the quantized {component} is larger than 2 GB; it cannot be one file")
+            outputs[targets[component]] = data
+
+        for target, data in outputs.items():
             digest = hashlib.sha256(data).hexdigest()
             records[target] = {"size": len(data), "sha256": digest}
             existing = folder / target
@@ -237,17 +273,23 @@ def quantize(
                 and existing.stat().st_size == len(data)
                 and sha256_file(existing) == digest
             ):
-                progress(f"{component}: {target} is up to date")
+                progress(f"{target} is up to date")
                 continue
-            pending[target] = _write_temporary(existing, data)
-            del data
-            _check_loads(pending[target], f"{recipe.component(component).dtype} {component}")
+            pending[target] = _write_staged(staging, existing.name, data)
+        del outputs
+        for component in COMPONENTS:
+            if targets[component] in pending:
+                for file in data_of.get(component, []):  # a graph loads with the data it reads
+                    _stage_existing(staging, folder / file)
+                _check_loads(pending[targets[component]], f"{recipe.component(component).dtype} {component}")
 
         progress(f"listing variant {name!r} in flonnx.json")
         entry = {
             component: {"file": targets[component], "dtype": recipe.component(component).dtype}
             for component in COMPONENTS
         }
+        for component, files in data_of.items():
+            entry[component]["data"] = files
         quantization = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "recipe": recipe.as_dict(),
@@ -258,8 +300,7 @@ def quantize(
         }
         stale = _commit(folder, name, entry, records, pending, quantization)
     finally:
-        for temporary in pending.values():
-            temporary.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
     for file in stale:
         (folder / file).unlink(missing_ok=True)
 
@@ -279,7 +320,7 @@ def _up_to_date(
     if not same:
         return False
     try:
-        verify_files(folder, manifest, list(variant_files(manifest, name).values()), full=True)
+        verify_files(folder, manifest, sorted(_variant_files(manifest, name)), full=True)
     except ModelFolderError:
         return False
     return True
@@ -325,17 +366,17 @@ def _commit(
     """Move the new files into place and list the variant; returns files no variant uses anymore."""
     manifest = read_manifest(folder)
     listed = set(manifest.get("files", {}))
+    stale: list[str] = []
     if set(pending) & listed:
         # Forget the files about to change first, so the manifest never lists a file it does not describe.
         def forget_changed(m: dict) -> None:
-            _forget(m, name)
+            stale.extend(_forget(m, name))
             for file in pending:
                 m["files"].pop(file, None)
 
         update_manifest(folder, forget_changed)
     for file, temporary in pending.items():
         os.replace(temporary, folder / file)
-    stale: list[str] = []
 
     def register(m: dict) -> None:
         stale.extend(_forget(m, name))

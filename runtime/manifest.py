@@ -111,3 +111,25 @@ def variant_files(manifest: dict, variant: str) -> dict[str, str]:
     if entry is None:
         raise ModelFolderError(f"variant {variant!r} is not listed in {MANIFEST}")
     return {name: entry[name]["file"] for name in COMPONENTS}
+
+
+def component_data_files(manifest: dict, variant: str, component: str) -> list[str]:
+    """External-data files one component of a variant reads (relative to the folder).
+
+    A variant entry lists them under "data" (quantize's shared embedding file); an export's
+    graph over 2 GB keeps its weights in `<graph>.data`, listed in "files".
+    """
+    entry = manifest.get("variants", {}).get(variant, {}).get(component, {})
+    found = list(entry.get("data", []))
+    legacy = f"{entry.get('file')}.data"
+    if legacy in manifest.get("files", {}) and legacy not in found:
+        found.append(legacy)
+    return found
+
+
+def variant_data_files(manifest: dict, variant: str) -> list[str]:
+    """Every external-data file a variant reads, each once, in component order."""
+    found: list[str] = []
+    for component in COMPONENTS:
+        found += [name for name in component_data_files(manifest, variant, component) if name not in found]
+    return found

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from .beam import beam_search
 from .decoding import CacheLayout, GenerationOptions, Hypothesis, greedy_search
 from .errors import InputError, ModelFolderError
-from .manifest import COMPONENTS, CONFIG_FILES, read_manifest, verify_files
+from .manifest import COMPONENTS, CONFIG_FILES, read_manifest, variant_data_files, verify_files
 from .postprocess import decode_generated, post_process
 from .preprocess import ImageInput, ImagePreprocessor, load_image
 from .prompts import TaskTable, build_prompt, check_length, prompt_ids
@@ -116,7 +116,7 @@ class Florence2:
         if verify not in VERIFY_MODES:
             raise InputError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
         files = {name: variants[variant][name]["file"] for name in COMPONENTS}
-        data_files = [name for name in manifest.get("files", {}) if name.endswith(".data")]
+        data_files = variant_data_files(manifest, variant)
         verify_files(folder, manifest, [*files.values(), *CONFIG_FILES, *data_files], full=verify == "sha256")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")

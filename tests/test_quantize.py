@@ -222,6 +222,7 @@ def test_manifest_records_recipe_dtypes_files_and_report(quantized):
     assert manifest["variants"]["int4"]["decoder_model_merged"] == {
         "file": "onnx/decoder_model_merged_q4.onnx",
         "dtype": "int4",
+        "data": ["onnx/embed_tokens_q4.onnx.data"],
     }
     assert manifest["variants"]["int4"]["vision_encoder"]["dtype"] == "int8"
     fp32 = manifest["variants"]["fp32"]
@@ -237,10 +238,86 @@ def test_manifest_records_recipe_dtypes_files_and_report(quantized):
         assert [t["task"] for t in report["tasks"]] == ["<CAPTION>", "<OD>", "<CAPTION_TO_PHRASE_GROUNDING>"]
         assert {t["stage"] for t in report["timings"]} == {"vision_encoder", "encoder_model", "decode_step"}
         assert report["size"] < report["fp32_size"] / 2
+        files = manifest["files"]
         for component in report["components"]:
             # d_model 64 leaves 4-bit blocks of 32 little to average over: the tiny int4 is coarse
             assert component["cosine"] > (0.99 if name == "int8" else 0.9)
-            assert component["size"] == manifest["files"][component["file"]]["size"]
+            # the shared table counts once, with embed_tokens, the first graph that reads it
+            data = manifest["variants"][name][component["component"]].get("data", [])
+            extra = files[data[0]]["size"] if component["component"] == "embed_tokens" else 0
+            assert component["size"] == files[component["file"]]["size"] + extra
+        assert report["size"] == sum(
+            files[f]["size"] for f in files if f.startswith("onnx/") and name_of(f) == name
+        )
+
+
+def name_of(file: str) -> str:
+    return "int8" if "_quantized" in file else "int4" if "_q4" in file else "fp32"
+
+
+def test_tied_embedding_is_stored_once_and_read_by_both_graphs(quantized, tiny_export_dir):
+    """embed_tokens' table and lm_head are one 8-bit table in one file, read by both graphs."""
+    manifest = read_manifest(quantized)
+    for variant, suffix in (("int8", "_quantized"), ("int4", "_q4")):
+        data = f"onnx/embed_tokens{suffix}.onnx.data"
+        entry = manifest["variants"][variant]
+        assert entry["embed_tokens"]["data"] == entry["decoder_model_merged"]["data"] == [data]
+        embed = onnx.load(str(quantized / entry["embed_tokens"]["file"]), load_external_data=False)
+        decoder = onnx.load(str(quantized / entry["decoder_model_merged"]["file"]), load_external_data=False)
+        assert [n.op_type for n in embed.graph.node][0] == "GatherBlockQuantized"
+        external = {
+            graph_name: sorted(
+                (t.dims[0], dict((e.key, e.value) for e in t.external_data)["offset"])
+                for g in iter_graphs(model.graph)
+                for t in g.initializer
+                if t.data_location == TensorProto.EXTERNAL
+            )
+            for graph_name, model in (("embed", embed), ("decoder", decoder))
+        }
+        vocab, width = manifest["model"]["vocab_size"], manifest["model"]["d_model"]
+        scales_at = -(-vocab * width // 4096) * 4096  # codes first, scales on the next page
+        assert external["embed"] == external["decoder"] == [(vocab, "0"), (vocab, str(scales_at))]
+        assert (quantized / data).stat().st_size == scales_at + 4 * vocab  # d_model 64: one block per row
+        assert float_bytes(embed) == 4 * vocab  # the block scales only: no float table left
+
+    # The runtime's lookups through the shared table equal the fp32 table within 8-bit error.
+    import onnxruntime as ort
+
+    ids = np.array([[0, 2, 5, 50000, 51000]], np.int64)
+    fp32 = ort.InferenceSession(str(tiny_export_dir / "onnx" / "embed_tokens.onnx"))
+    int8 = ort.InferenceSession(str(quantized / "onnx" / "embed_tokens_quantized.onnx"))
+    expected, got = fp32.run(None, {"input_ids": ids})[0], int8.run(None, {"input_ids": ids})[0]
+    step = np.abs(expected).max(axis=-1, keepdims=True) / 127
+    assert np.all(np.abs(got - expected) <= step) and not np.array_equal(got, expected)
+
+
+def test_untied_lm_head_keeps_its_own_table(tiny_export_dir):
+    from flonnx.quantize.quantizer import tie_embedding
+
+    decoder = quantize_component(
+        onnx.load(str(tiny_export_dir / "onnx" / "decoder_model_merged.onnx")),
+        get_recipe("int8").component("decoder_model_merged"),
+        vocab := read_manifest(tiny_export_dir)["model"]["vocab_size"],
+    )
+    embed = onnx.load(str(tiny_export_dir / "onnx" / "embed_tokens.onnx"))
+    table = embed.graph.initializer[0]
+    changed = numpy_helper.to_array(table).copy()
+    changed[7, 3] += 0.5  # one weight differs: not the same table
+    table.CopyFrom(numpy_helper.from_array(changed, table.name))
+    before = embed.SerializeToString()
+    assert tie_embedding(embed, decoder, vocab, "x.data") is None
+    assert embed.SerializeToString() == before
+
+
+def test_requantizing_without_the_tie_removes_the_shared_file(quantized, tmp_path):
+    folder = _copy(quantized, tmp_path)
+    _run(folder, "int4", keep={"embed_tokens": "fp32"})
+    manifest = _assert_consistent(folder)
+    assert "onnx/embed_tokens_q4.onnx.data" not in manifest["files"]
+    assert not (folder / "onnx" / "embed_tokens_q4.onnx.data").exists()
+    assert "data" not in manifest["variants"]["int4"]["decoder_model_merged"]
+    assert (folder / "onnx" / "embed_tokens_quantized.onnx.data").exists()  # int8's own stays
+    assert Florence2.load(folder, variant="int4", threads=1).run(_image(), "<CAPTION>", max_new_tokens=3)
 
 
 def test_second_run_rewrites_nothing(quantized):
