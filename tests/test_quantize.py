@@ -85,7 +85,13 @@ def test_recipes_are_validated_presets():
     decoder = get_recipe("int4").component("decoder_model_merged")
     assert decoder.matmul_bits == 4 and set(decoder.eight_bit_roles) == {"lm_head", "cross_attention_kv"}
     vision = get_recipe("int8").component("vision_encoder")
-    assert vision.conv_weights_int8 and vision.matmul_bits == 8
+    assert not vision.conv_weights_int8 and vision.matmul_bits == 8
+    assert (
+        get_recipe("int8")
+        .with_overrides({"vision_encoder": "int4"})
+        .component("vision_encoder")
+        .conv_weights_int8
+    )
     with pytest.raises(InputError, match="int8, int4"):
         get_recipe("int3")
     with pytest.raises(InputError, match="matmul_bits"):
