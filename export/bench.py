@@ -160,8 +160,13 @@ def prepare(options: BenchOptions, progress: Progress) -> tuple[Path, Path]:
     manifest = read_manifest(folder)
     wanted = options.variants or ("fp32", *RECIPES)
     for recipe in RECIPES:
-        if recipe in wanted and recipe not in manifest["variants"] and _quantize_available():
-            progress(f"quantizing: {recipe}")
+        if recipe not in wanted or not _quantize_available():
+            continue
+        from flonnx.quantize.recipes import get_recipe
+
+        made_with = manifest.get("quantization", {}).get(recipe, {}).get("recipe")
+        if recipe not in manifest["variants"] or made_with != get_recipe(recipe).as_dict():
+            progress(f"quantizing: {recipe}" + (" (made by another recipe version)" if made_with else ""))
             flonnx = str(Path(sys.executable).with_name("flonnx"))
             subprocess.run([flonnx, "quantize", str(folder), "--recipe", recipe], check=True)
     return checkpoint, folder

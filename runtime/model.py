@@ -26,7 +26,7 @@ from .preprocess import ImageInput, ImagePreprocessor, load_image
 from .prompts import TaskTable, build_prompt, check_length, prompt_ids
 from .sampling import resolve_seed, sample
 from .scores import box_scores
-from .sessions import check_providers, create_session, physical_cores, releasing_run_options
+from .sessions import check_providers, create_session, physical_cores
 
 VERIFY_MODES = ("size", "sha256")
 
@@ -82,7 +82,6 @@ class Florence2:
         self.variant = variant
         self.threads = threads
         self._sessions = sessions
-        self._releasing = releasing_run_options()
         model = manifest["model"]
         self.num_image_tokens = int(model["num_image_tokens"])
         self.max_positions = int(model["max_position_embeddings"])
@@ -135,9 +134,7 @@ class Florence2:
         loaded = [load_image(image) for image in images]
         batch = self.preprocessor(loaded)
         preprocessed = time.perf_counter()
-        features = self._sessions["vision_encoder"].run(
-            None, {"pixel_values": batch.pixel_values}, self._releasing
-        )[0]
+        features = self._sessions["vision_encoder"].run(None, {"pixel_values": batch.pixel_values})[0]
         if timings is not None:
             timings["preprocess"] = timings.get("preprocess", 0.0) + preprocessed - started
             timings["vision"] = timings.get("vision", 0.0) + time.perf_counter() - preprocessed
@@ -219,9 +216,9 @@ class Florence2:
         started = time.perf_counter()
         embeds, mask = self._encoder_inputs(requests, features)
         prompted = time.perf_counter()
-        hidden = self._sessions["encoder_model"].run(
-            None, {"inputs_embeds": embeds, "attention_mask": mask}, self._releasing
-        )[0]
+        hidden = self._sessions["encoder_model"].run(None, {"inputs_embeds": embeds, "attention_mask": mask})[
+            0
+        ]
         encoded = time.perf_counter()
         found = self._decode(hidden, mask, options, scores, seed, timings)
         decoded = time.perf_counter()
