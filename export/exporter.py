@@ -29,6 +29,7 @@ from flonnx.runtime.manifest import (
 )
 
 from .graphs import Decoder, DecoderShape, EmbedTokens, TextEncoder, VisionEncoder, past_names
+from .simplify import fold_reshape_shapes
 
 OPSET = 17
 # Written when the checkpoint's processor has them; listed in the manifest when present.
@@ -234,6 +235,15 @@ def export_graph(spec: GraphSpec, path: Path) -> None:
         )
 
 
+def simplify_file(path: Path) -> None:
+    """Fold the graph's run-time Reshape shapes (simplify.py), rewriting the file if any were."""
+    import onnx
+
+    model = onnx.load(str(path))
+    if fold_reshape_shapes(model):
+        save_onnx(model, path)
+
+
 def save_onnx(model, path: Path) -> None:
     import onnx
 
@@ -400,6 +410,8 @@ def export(
         for spec in specs:
             progress(f"exporting {spec.name}")
             export_graph(spec, staging / "onnx" / f"{spec.name}.onnx")
+            if spec.name not in ("decoder_model", "decoder_with_past_model"):  # folded before the merge
+                simplify_file(staging / "onnx" / f"{spec.name}.onnx")
             io_names[spec.name] = {"inputs": spec.inputs, "outputs": spec.outputs}
         progress("merging decoder_model + decoder_with_past_model -> decoder_model_merged")
         from .merge import USE_CACHE_BRANCH, merge_decoders
@@ -407,7 +419,11 @@ def export(
         shape = DecoderShape.of(model)
         first = staging / "onnx" / "decoder_model.onnx"
         later = staging / "onnx" / "decoder_with_past_model.onnx"
-        merged = merge_decoders(onnx.load(str(first)), onnx.load(str(later)), shape.heads, shape.head_dim)
+        decoders = [onnx.load(str(first)), onnx.load(str(later))]
+        for decoder in decoders:
+            fold_reshape_shapes(decoder)
+        merged = merge_decoders(*decoders, shape.heads, shape.head_dim)
+        del decoders
         onnx.checker.check_model(merged)
         save_onnx(merged, staging / "onnx" / "decoder_model_merged.onnx")
         first.unlink()

@@ -73,11 +73,12 @@ def _heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     return x.view(batch, length, heads, head_dim).transpose(1, 2)
 
 
-def _attend(q, k, v, bias, scaling: float) -> torch.Tensor:
+def _attend(q, k, v, bias, scaling: float, width: int) -> torch.Tensor:
     weights = torch.matmul(q, k.transpose(2, 3)) * scaling + bias
-    out = torch.matmul(torch.softmax(weights, dim=-1), v)
-    batch, heads, length, head_dim = out.shape
-    return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+    out = torch.matmul(torch.softmax(weights, dim=-1), v).transpose(1, 2)
+    # Batch and length from the tensor reshaped, the width a Python int: the export's shape
+    # chain then folds to a constant (see simplify.py).
+    return out.reshape(out.shape[0], out.shape[1], width)
 
 
 class Decoder(nn.Module):
@@ -128,7 +129,7 @@ class Decoder(nn.Module):
                 k = torch.cat([past[4 * i], k], dim=2)
                 v = torch.cat([past[4 * i + 1], v], dim=2)
             hidden = layer.self_attn_layer_norm(
-                hidden + attn.out_proj(_attend(q, k, v, causal, attn.scaling))
+                hidden + attn.out_proj(_attend(q, k, v, causal, attn.scaling, h * d))
             )
             presents += [k, v]
 
@@ -140,7 +141,7 @@ class Decoder(nn.Module):
                 ck = _heads(cross.k_proj(encoder_hidden_states), h, d)
                 cv = _heads(cross.v_proj(encoder_hidden_states), h, d)
                 presents += [ck, cv]
-            attended = cross.out_proj(_attend(q, ck, cv, cross_bias, cross.scaling))
+            attended = cross.out_proj(_attend(q, ck, cv, cross_bias, cross.scaling, h * d))
             hidden = layer.encoder_attn_layer_norm(hidden + attended)
 
             ffn = layer.fc2(self.activation(layer.fc1(hidden)))

@@ -123,8 +123,17 @@ class Florence2:
         threads = threads or physical_cores()
         chosen = check_providers(providers)
         # The decoder first: its load briefly needs the most memory, best taken while little is in use.
+        # Only the decoder's threads spin between runs: it runs many short steps, where waking
+        # sleeping threads would cost. Spinning threads of the other sessions only steal a core from
+        # the session that runs next (base int8 <OD>: first decoder step 38 ms instead of 57, 64
+        # steps 0.37-0.40 s instead of 0.39-0.43).
         order = sorted(files, key=lambda name: name != "decoder_model_merged")
-        sessions = {name: create_session(folder / files[name], threads, chosen) for name in order}
+        sessions = {
+            name: create_session(
+                folder / files[name], threads, chosen, spinning=name == "decoder_model_merged"
+            )
+            for name in order
+        }
         return cls(folder, manifest, variant, sessions, threads)
 
     # -- stages -------------------------------------------------------------------------------

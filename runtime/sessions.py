@@ -51,7 +51,10 @@ def check_providers(providers: list[str] | tuple[str, ...] | None) -> list[str]:
     return providers
 
 
-def create_session(path: Path, threads: int, providers: list[str]) -> ort.InferenceSession:
+def create_session(
+    path: Path, threads: int, providers: list[str], spinning: bool = True
+) -> ort.InferenceSession:
+    """`spinning=False`: idle worker threads sleep at once instead of spinning for the next run."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
@@ -62,6 +65,8 @@ def create_session(path: Path, threads: int, providers: list[str]) -> ort.Infere
     # measured cost. (Releasing the arena after the encoder runs saves ~60 MiB more but costs
     # 10-25% of a caption: not taken.)
     options.enable_mem_pattern = False
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)

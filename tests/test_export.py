@@ -586,3 +586,76 @@ def test_progress_has_a_timed_line_per_stage(export_256: tuple[Path, str]) -> No
     assert None not in positions, dict(zip(stages, positions))
     assert positions == sorted(positions)
     assert "<CAPTION>" in messages[positions[stages.index("validation passed")]]
+
+
+# -- folding run-time Reshape shapes ------------------------------------------------------------------
+
+
+def _reshape_model(shape_source: str, first_index: int):
+    """y = Reshape(x, [dim first_index of shape_source, dim 1 of shape_source, 4, 2])."""
+    from onnx import helper
+
+    nodes, parts = [], []
+    for position, index in enumerate((first_index, 1)):
+        nodes += [
+            helper.make_node("Shape", [shape_source], [f"s{position}"]),
+            helper.make_node("Gather", [f"s{position}", f"i{index}"], [f"g{position}"], axis=0),
+            helper.make_node("Unsqueeze", [f"g{position}", "axes"], [f"u{position}"]),
+        ]
+        parts.append(f"u{position}")
+    nodes += [
+        helper.make_node("Concat", [*parts, "tail"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["x", "shape"], ["y"]),
+        helper.make_node("Identity", ["x2"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", 8]),
+            helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["b", "t", 8]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, None),
+        ],
+        [
+            numpy_helper.from_array(np.array(0, np.int64), "i0"),
+            numpy_helper.from_array(np.array(1, np.int64), "i1"),
+            numpy_helper.from_array(np.array([0], np.int64), "axes"),
+            numpy_helper.from_array(np.array([4, 2], np.int64), "tail"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_reshape_of_its_own_dimensions_becomes_a_constant_shape():
+    from flonnx.export.simplify import fold_reshape_shapes
+
+    x = np.arange(2 * 3 * 8, dtype=np.float32).reshape(2, 3, 8)
+    model = _reshape_model("x", 0)
+    assert fold_reshape_shapes(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Reshape", "Identity"]
+    shape = next(t for t in model.graph.initializer if t.name == model.graph.node[0].input[1])
+    assert numpy_helper.to_array(shape).tolist() == [0, 0, 4, 2]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(["y"], {"x": x, "x2": x})[0], x.reshape(2, 3, 4, 2))
+
+
+@pytest.mark.parametrize("source, first_index", [("x2", 0), ("x", 1)])
+def test_reshape_of_other_dimensions_is_left_alone(source, first_index):
+    """Another tensor's dimensions, or dimension 1 at position 0: a 0 would copy the wrong one."""
+    from flonnx.export.simplify import fold_reshape_shapes
+
+    model = _reshape_model(source, first_index)
+    before = model.SerializeToString()
+    assert fold_reshape_shapes(model) == 0
+    assert model.SerializeToString() == before
+
+
+def test_exported_decoder_computes_no_reshape_shapes_per_step(tiny_export_dir):
+    model = onnx.load(str(tiny_export_dir / "onnx" / "decoder_model_merged.onnx"))
+    branch = {a.name: a.g for n in model.graph.node if n.op_type == "If" for a in n.attribute}["then_branch"]
+    producers = {o: n for n in branch.node for o in n.output}
+    reshapes = [n for n in branch.node if n.op_type == "Reshape"]
+    assert reshapes and not any(n.input[1] in producers for n in reshapes)
