@@ -29,6 +29,7 @@ from flonnx.runtime.manifest import (
 )
 
 from .graphs import Decoder, DecoderShape, EmbedTokens, TextEncoder, VisionEncoder, past_names
+from .onnxfile import save_onnx
 from .simplify import fold_reshape_shapes
 
 OPSET = 17
@@ -236,21 +237,12 @@ def export_graph(spec: GraphSpec, path: Path) -> None:
 
 
 def simplify_file(path: Path) -> None:
-    """Fold the graph's run-time Reshape shapes (simplify.py), rewriting the file if any were."""
+    """Fold the graph's run-time Reshape shapes (simplify.py) and move its weights beside it."""
     import onnx
 
     model = onnx.load(str(path))
-    if fold_reshape_shapes(model):
-        save_onnx(model, path)
-
-
-def save_onnx(model, path: Path) -> None:
-    import onnx
-
-    large = model.ByteSize() > 1_900_000_000
-    onnx.save_model(
-        model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None
-    )
+    fold_reshape_shapes(model)
+    save_onnx(model, path)
 
 
 def write_configs(model, processor, folder: Path, image_size: int) -> None:
@@ -316,7 +308,7 @@ def _source(src: str, model) -> dict:
 
 def _entry(folder: Path, component: str) -> dict:
     entry = {"file": f"onnx/{component}.onnx", "dtype": "fp32"}
-    if (folder / f"onnx/{component}.onnx.data").is_file():  # a graph over 2 GB keeps its weights beside it
+    if (folder / f"onnx/{component}.onnx.data").is_file():  # the weights, beside the graph
         entry["data"] = [f"onnx/{component}.onnx.data"]
     return entry
 
@@ -410,7 +402,7 @@ def export(
         for spec in specs:
             progress(f"exporting {spec.name}")
             export_graph(spec, staging / "onnx" / f"{spec.name}.onnx")
-            if spec.name not in ("decoder_model", "decoder_with_past_model"):  # folded before the merge
+            if spec.name not in ("decoder_model", "decoder_with_past_model"):  # these two: at the merge
                 simplify_file(staging / "onnx" / f"{spec.name}.onnx")
             io_names[spec.name] = {"inputs": spec.inputs, "outputs": spec.outputs}
         progress("merging decoder_model + decoder_with_past_model -> decoder_model_merged")
@@ -448,8 +440,10 @@ def export(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    files = manifest["files"]
     sizes = ", ".join(
-        f"{name} {manifest['files'][f'onnx/{name}.onnx']['size'] / 1e6:.1f} MB" for name in COMPONENTS
+        f"{name} {sum(files[f]['size'] for f in [entry['file'], *entry.get('data', [])]) / 1e6:.1f} MB"
+        for name, entry in manifest["variants"]["fp32"].items()
     )
     progress(f"done: {out} ({sizes})")
     return manifest

@@ -132,8 +132,28 @@ def test_manifest_describes_source_and_model(tiny_loc_model_dir: Path, manifest:
         HEAD_DIM,
     )
     assert manifest["variants"]["fp32"] == {
-        name: {"file": f"onnx/{name}.onnx", "dtype": "fp32"} for name in GRAPHS
+        name: {"file": f"onnx/{name}.onnx", "dtype": "fp32", "data": [f"onnx/{name}.onnx.data"]}
+        for name in GRAPHS
     }
+
+
+def test_weights_are_page_aligned_beside_each_graph(tiny_export_dir) -> None:
+    """Every weight of 1 KiB or more lives in the graph's .data file at a page boundary, so
+    onnxruntime can map it; the graph files themselves hold structure and small constants."""
+    for name in GRAPHS:
+        model = onnx.load(str(tiny_export_dir / "onnx" / f"{name}.onnx"), load_external_data=False)
+        external = [
+            {e.key: e.value for e in tensor.external_data}
+            for graph in [model.graph, *(a.g for n in model.graph.node for a in n.attribute if a.g.name)]
+            for tensor in graph.initializer
+            if tensor.data_location == TensorProto.EXTERNAL
+        ]
+        assert external and all(e["location"] == f"{name}.onnx.data" for e in external)
+        assert all(int(e["offset"]) % 4096 == 0 for e in external)
+        assert (
+            sum(int(e["length"]) for e in external)
+            > 0.5 * (tiny_export_dir / "onnx" / f"{name}.onnx.data").stat().st_size
+        )
 
 
 def test_validation_report_passed(manifest: dict) -> None:
