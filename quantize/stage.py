@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from flonnx.export.onnxfile import move_weights_out
 from flonnx.runtime.errors import FlonnxError, InputError, ModelFolderError
 from flonnx.runtime.manifest import (
     COMPONENTS,
@@ -259,9 +260,16 @@ def quantize(
                 outputs[tie_target] = tied.data  # first: it is renamed into place before its readers
                 data_of = {"embed_tokens": [tie_target], "decoder_model_merged": [tie_target]}
         for component in list(models):
-            data = models.pop(component).SerializeToString()
+            model = models.pop(component)
+            weights_file = f"{targets[component]}.data"  # beside the graph, as the export does
+            moved = move_weights_out(model, Path(weights_file).name)
+            if moved:
+                outputs[weights_file] = moved  # before its graph: renamed into place first
+                data_of.setdefault(component, []).append(weights_file)
+            data = model.SerializeToString()
+            del model
             if len(data) > PROTOBUF_LIMIT:
-                raise QuantizeError(f"the quantized {component} is larger than 2 GB; it cannot be one file")
+                raise QuantizeError(f"the quantized {component} graph is larger than 2 GB")
             outputs[targets[component]] = data
 
         for target, data in outputs.items():

@@ -224,11 +224,13 @@ def test_manifest_records_recipe_dtypes_files_and_report(quantized):
     assert manifest["variants"]["int8"]["vision_encoder"] == {
         "file": "onnx/vision_encoder_quantized.onnx",
         "dtype": "int8",
+        "data": ["onnx/vision_encoder_quantized.onnx.data"],
     }
     assert manifest["variants"]["int4"]["decoder_model_merged"] == {
         "file": "onnx/decoder_model_merged_q4.onnx",
         "dtype": "int4",
-        "data": ["onnx/embed_tokens_q4.onnx.data"],
+        # the tied table, then the graph's own weights
+        "data": ["onnx/embed_tokens_q4.onnx.data", "onnx/decoder_model_merged_q4.onnx.data"],
     }
     assert manifest["variants"]["int4"]["vision_encoder"]["dtype"] == "int8"
     fp32 = manifest["variants"]["fp32"]
@@ -245,13 +247,24 @@ def test_manifest_records_recipe_dtypes_files_and_report(quantized):
         assert {t["stage"] for t in report["timings"]} == {"vision_encoder", "encoder_model", "decode_step"}
         assert report["size"] < report["fp32_size"] / 2
         files = manifest["files"]
+        counted = set()
         for component in report["components"]:
             # d_model 64 leaves 4-bit blocks of 32 little to average over: the tiny int4 is coarse
             assert component["cosine"] > (0.99 if name == "int8" else 0.9)
-            # the shared table counts once, with embed_tokens, the first graph that reads it
-            data = manifest["variants"][name][component["component"]].get("data", [])
-            extra = files[data[0]]["size"] if component["component"] == "embed_tokens" else 0
-            assert component["size"] == files[component["file"]]["size"] + extra
+            # a graph's size counts its data files; the shared table once, with embed_tokens
+            entry = manifest["variants"][name][component["component"]]
+            own = [f for f in [entry["file"], *entry.get("data", [])] if f not in counted]
+            counted.update(own)
+            assert component["size"] == sum(files[f]["size"] for f in own)
+            if entry["dtype"] != "fp32":
+                graph = onnx.load(str(quantized / entry["file"]), load_external_data=False)
+                inline = [
+                    t.name
+                    for g in iter_graphs(graph.graph)
+                    for t in g.initializer
+                    if t.data_location != TensorProto.EXTERNAL and len(t.raw_data) >= 1024
+                ]
+                assert not inline  # every weight of 1 KiB or more is beside the graph
         assert report["size"] == sum(
             files[f]["size"] for f in files if f.startswith("onnx/") and name_of(f) == name
         )
@@ -267,7 +280,8 @@ def test_tied_embedding_is_stored_once_and_read_by_both_graphs(quantized, tiny_e
     for variant, suffix in (("int8", "_quantized"), ("int4", "_q4")):
         data = f"onnx/embed_tokens{suffix}.onnx.data"
         entry = manifest["variants"][variant]
-        assert entry["embed_tokens"]["data"] == entry["decoder_model_merged"]["data"] == [data]
+        assert entry["embed_tokens"]["data"] == [data]
+        assert entry["decoder_model_merged"]["data"][0] == data
         embed = onnx.load(str(quantized / entry["embed_tokens"]["file"]), load_external_data=False)
         decoder = onnx.load(str(quantized / entry["decoder_model_merged"]["file"]), load_external_data=False)
         assert [n.op_type for n in embed.graph.node][0] == "GatherBlockQuantized"
@@ -277,6 +291,7 @@ def test_tied_embedding_is_stored_once_and_read_by_both_graphs(quantized, tiny_e
                 for g in iter_graphs(model.graph)
                 for t in g.initializer
                 if t.data_location == TensorProto.EXTERNAL
+                and dict((e.key, e.value) for e in t.external_data)["location"] == Path(data).name
             )
             for graph_name, model in (("embed", embed), ("decoder", decoder))
         }
@@ -321,7 +336,9 @@ def test_requantizing_without_the_tie_removes_the_shared_file(quantized, tmp_pat
     manifest = _assert_consistent(folder)
     assert "onnx/embed_tokens_q4.onnx.data" not in manifest["files"]
     assert not (folder / "onnx" / "embed_tokens_q4.onnx.data").exists()
-    assert "data" not in manifest["variants"]["int4"]["decoder_model_merged"]
+    assert manifest["variants"]["int4"]["decoder_model_merged"]["data"] == [
+        "onnx/decoder_model_merged_q4.onnx.data"
+    ]
     assert (folder / "onnx" / "embed_tokens_quantized.onnx.data").exists()  # int8's own stays
     assert Florence2.load(folder, variant="int4", threads=1).run(_image(), "<CAPTION>", max_new_tokens=3)
 
