@@ -37,6 +37,8 @@ from .recipes import VARIANT_NAME, ComponentRecipe, Recipe, get_recipe
 from .report import Report, ReportOptions, measure
 
 PROTOBUF_LIMIT = 2**31 - 1  # a single-file ONNX model cannot be larger
+# How a variant's files are laid out; a variant written another way is rewritten, not kept.
+LAYOUT = "graph + page-aligned .onnx.data per component; tied embedding once (format 2)"
 
 
 class Progress:
@@ -303,6 +305,7 @@ def quantize(
             "recipe": recipe.as_dict(),
             "source": {file: manifest["files"][file]["sha256"] for file in sources.values()},
             "tools": _versions(),
+            "layout": LAYOUT,
             "float_bytes": weights,
             "report": None,
         }
@@ -324,6 +327,7 @@ def _up_to_date(
         previous.get("recipe") == recipe.as_dict()
         and previous.get("source") == {file: manifest["files"][file]["sha256"] for file in sources.values()}
         and previous.get("tools") == _versions()
+        and previous.get("layout") == LAYOUT
     )
     if not same:
         return False
