@@ -116,8 +116,9 @@ def variant_files(manifest: dict, variant: str) -> dict[str, str]:
 def component_data_files(manifest: dict, variant: str, component: str) -> list[str]:
     """External-data files one component of a variant reads (relative to the folder).
 
-    A variant entry lists them under "data" (quantize's shared embedding file); an export's
-    graph over 2 GB keeps its weights in `<graph>.data`, listed in "files".
+    A variant entry lists them under "data": each graph's own weights (`<graph>.data`) and, for
+    quantized variants, the tied embedding table two graphs share. A folder written before that
+    field existed has `<graph>.data` listed only in "files"; it is found too.
     """
     entry = manifest.get("variants", {}).get(variant, {}).get(component, {})
     found = list(entry.get("data", []))
