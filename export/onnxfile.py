@@ -15,15 +15,16 @@ PAGE = 4096
 MIN_EXTERNAL_BYTES = 1024  # smaller tensors (shapes, scalars) stay in the graph
 
 
-def _graphs(graph: onnx.GraphProto):
+def iter_graphs(graph: onnx.GraphProto):
+    """The graph and every subgraph inside it, outer first."""
     yield graph
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attribute.g)
+                yield from iter_graphs(attribute.g)
             elif attribute.type == onnx.AttributeProto.GRAPHS:
                 for sub in attribute.graphs:
-                    yield from _graphs(sub)
+                    yield from iter_graphs(sub)
 
 
 def move_weights_out(model: onnx.ModelProto, location: str) -> bytes:
@@ -31,7 +32,7 @@ def move_weights_out(model: onnx.ModelProto, location: str) -> bytes:
     boundary, and return that file's bytes (empty when no weight is large enough). Weights that
     are external already stay where they are."""
     data = bytearray()
-    for graph in _graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         for tensor in graph.initializer:
             if tensor.data_type == TensorProto.STRING or tensor.data_location == TensorProto.EXTERNAL:
                 continue

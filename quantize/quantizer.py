@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from flonnx.export.onnxfile import iter_graphs
 from flonnx.runtime.errors import FlonnxError
 
 from .recipes import ComponentRecipe
@@ -39,18 +40,6 @@ class QuantizeError(FlonnxError):
 
 
 # -- the graph tree -----------------------------------------------------------------------------
-
-
-def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph inside it, outer first."""
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attribute.g)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for sub in attribute.graphs:
-                    yield from iter_graphs(sub)
 
 
 def iter_nodes(graph: onnx.GraphProto) -> Iterator[tuple[onnx.GraphProto, onnx.NodeProto]]:
