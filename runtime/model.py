@@ -122,7 +122,7 @@ class Florence2:
             raise InputError(f"threads must be a positive integer, got {threads!r}")
         threads = threads or physical_cores()
         chosen = check_providers(providers)
-        # The decoder first: its load briefly needs the most memory, best taken while little is in use.
+        # The decoder first: its load briefly needs the most memory (no peak win measured so far).
         # Only the decoder's threads spin between runs: it runs many short steps, where waking
         # sleeping threads would cost. Spinning threads of the other sessions only steal a core from
         # the session that runs next (base int8 <OD>: first decoder step 38 ms instead of 57, 64
