@@ -35,14 +35,52 @@ def past_names(n_layers: int, prefix: str = "past_key_values", with_encoder: boo
 
 
 class VisionEncoder(nn.Module):
-    """pixel_values [B,3,H,W] -> image_features [B,N,D]: DaViT plus the multi-modal projector."""
+    """pixel_values [B,3,H,W] -> image_features [B,N,D]: DaViT plus the multi-modal projector.
+
+    The checkpoint's modules, but with the hidden state kept channels-last [B,H,W,C] from stage to
+    stage. `transformers` moves it to [B,C,H,W] around every depthwise convolution and back for
+    every norm, attention and MLP, four transposes per block half; here the only layout change is
+    the one each convolution makes itself, which onnxruntime folds into the NCHWc reorders around
+    the convolution (`ReorderInput`/`ReorderOutput` with channels_last).
+    """
 
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.backbone = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values).pooler_output
+        hidden = pixel_values.to(self.backbone.convs[0].conv.weight.dtype).permute(0, 2, 3, 1)
+        for embed, blocks in zip(self.backbone.convs, self.backbone.blocks):
+            if embed.pre_norm:
+                hidden = embed.norm(hidden)
+            hidden = _conv_channels_last(embed.conv, hidden)
+            if not embed.pre_norm:
+                hidden = embed.norm(hidden)
+            for block in blocks:
+                hidden = _channel_block(block.channel_block, _spatial_block(block.spatial_block, hidden))
+        return self.projector(hidden.permute(0, 3, 1, 2))
+
+
+def _conv_channels_last(conv: nn.Conv2d, hidden: torch.Tensor) -> torch.Tensor:
+    return conv(hidden.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def _spatial_block(block, hidden: torch.Tensor) -> torch.Tensor:
+    """transformers' Florence2VisionSpatialBlock on [B,H,W,C] (drop path is the identity at eval)."""
+    hidden = _conv_channels_last(block.conv1, hidden) + hidden
+    hidden = hidden + block.window_attn(block.norm1(hidden)).view(hidden.shape)
+    hidden = _conv_channels_last(block.conv2, hidden) + hidden
+    return hidden + block.ffn(block.norm2(hidden))
+
+
+def _channel_block(block, hidden: torch.Tensor) -> torch.Tensor:
+    """transformers' Florence2VisionChannelBlock on [B,H,W,C]."""
+    hidden = _conv_channels_last(block.conv1, hidden) + hidden
+    tokens = block.norm1(hidden).flatten(1, 2)
+    hidden = hidden + block.channel_attn(tokens).view(hidden.shape)
+    hidden = _conv_channels_last(block.conv2, hidden) + hidden
+    return hidden + block.ffn(block.norm2(hidden))
 
 
 class EmbedTokens(nn.Module):

@@ -238,6 +238,7 @@ class Florence2:
         if timings is not None:
             timings["prompt"] = prompted - started
             timings["encoder"] = encoded - prompted
+            timings["encoder_tokens"] = hidden.shape[1]  # what every decoder step cross-attends to
             timings["postprocess"] = time.perf_counter() - decoded
         return results
 

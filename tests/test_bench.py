@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from flonnx.runtime.errors import InputError
 
 
 def test_bench_smoke(tiny_loc_model_dir, tiny_export_dir, tmp_path):
-    from flonnx.export.bench import BenchOptions, markdown, run_bench, write_report
+    from flonnx.export.bench import BenchOptions, cache_bytes, markdown, run_bench, write_report
     from flonnx.export.exporter import Progress
+    from flonnx.runtime.decoding import CacheLayout
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -37,9 +40,17 @@ def test_bench_smoke(tiny_loc_model_dir, tiny_export_dir, tmp_path):
     assert runtime["heavy_imports"] == [] and runtime["peak_rss_bytes"] > runtime["bundle_bytes"] > 0
     floors = report["floors"]
     assert floors["matmul_gflops"] > 1 and floors["memory_gb_s"] > 0.5 and floors["vision_gflop"] > 0.1
-    assert floors["decode_step"]["fp32"]["weight_bytes"] > 1e6
+    step = floors["decode_step"]["fp32"]
+    assert step["weight_bytes"] > 1e6
+    # the cross-attention covers the image tokens and the prompt; the cache only adds to the floor
+    model = json.loads((tiny_export_dir / "flonnx.json").read_text())["model"]
+    assert caption["encoder_tokens"] > model["num_image_tokens"]
+    layout = CacheLayout(model["decoder_layers"], model["decoder_heads"], model["head_dim"])
+    assert step["cache_bytes"] == cache_bytes(layout, caption["encoder_tokens"], caption["new_tokens"]) > 0
+    assert step["floor_with_cache_s"] > step["floor_s"] > 0
     json_path, md_path = write_report(report, options.out)
     assert json_path.is_file() and "| caption | flonnx fp32 |" in md_path.read_text()
+    assert "MB of K/V cache a step also reads" in md_path.read_text()
     assert markdown(report) == md_path.read_text()
 
 
@@ -56,3 +67,12 @@ def test_bench_options_are_validated(kwargs, fragment):
 
     with pytest.raises(InputError, match=fragment):
         BenchOptions(**kwargs)
+
+
+def test_cache_bytes_counts_cross_and_mean_self_attention_lengths():
+    from flonnx.export.bench import cache_bytes
+    from flonnx.runtime.decoding import CacheLayout
+
+    # 2 layers x K and V x (10 encoder tokens + mean self length (2 + 20) / 2) x 4 heads x 16 x 4 bytes
+    assert cache_bytes(CacheLayout(2, 4, 16), 10, 20) == 2 * 2 * 21 * 4 * 16 * 4
+    assert cache_bytes(CacheLayout(2, 4, 16), 10, 1) == 2 * 2 * 10 * 4 * 16 * 4

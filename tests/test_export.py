@@ -679,3 +679,47 @@ def test_exported_decoder_computes_no_reshape_shapes_per_step(tiny_export_dir):
     producers = {o: n for n in branch.node for o in n.output}
     reshapes = [n for n in branch.node if n.op_type == "Reshape"]
     assert reshapes and not any(n.input[1] in producers for n in reshapes)
+
+
+@pytest.mark.parametrize("size", [64, 96])  # 96: 24x24 then 12x12 tokens, windows padded at 3x3
+def test_channels_last_vision_wrapper_is_transformers_get_image_features(seed0_model, size):
+    import torch
+
+    from flonnx.export.graphs import VisionEncoder
+
+    pixels = torch.from_numpy(
+        np.random.default_rng(size).standard_normal((2, 3, size, size), dtype=np.float32)
+    )
+    with torch.no_grad():
+        expected = seed0_model.get_image_features(pixels).pooler_output
+        actual = VisionEncoder(seed0_model).eval()(pixels)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_vision_changes_layout_only_around_convolutions(tiny_export_dir):
+    from onnx import helper
+
+    model = onnx.load(str(tiny_export_dir / "onnx" / "vision_encoder.onnx"))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def beside_a_conv(node):
+        before = producers.get(node.input[0])
+        return (before is not None and before.op_type == "Conv") or all(
+            n.op_type == "Conv" for n in consumers[node.output[0]]
+        )
+
+    layout = [
+        n
+        for n in model.graph.node
+        if n.op_type == "Transpose"
+        and "attn" not in n.name  # the attentions' own head transposes are not layout switches
+        and tuple(helper.get_attribute_value(n.attribute[0])) in {(0, 3, 1, 2), (0, 2, 3, 1), (0, 2, 1)}
+    ]
+    assert sum(n.op_type == "Conv" for n in model.graph.node) >= 8
+    # Beside a convolution onnxruntime folds them into its NCHWc reorders. transformers switches
+    # [B,C,H,W] <-> [B,N,C] four times per block half; what is left is the projector's pair.
+    assert len([n.name for n in layout if not beside_a_conv(n)]) == 2
