@@ -38,6 +38,7 @@ def test_bench_smoke(tiny_loc_model_dir, tiny_export_dir, tmp_path):
     assert all(value >= 0 for value in row["stages"].values())
     runtime = report["runtime"]["fp32"]
     assert runtime["heavy_imports"] == [] and runtime["peak_rss_bytes"] > runtime["bundle_bytes"] > 0
+    assert runtime["peak_rss_bytes"] > runtime["runtime_import_rss_bytes"] > 10e6
     floors = report["floors"]
     assert floors["matmul_gflops"] > 1 and floors["memory_gb_s"] > 0.5 and floors["vision_gflop"] > 0.1
     step = floors["decode_step"]["fp32"]
@@ -76,3 +77,43 @@ def test_cache_bytes_counts_cross_and_mean_self_attention_lengths():
     # 2 layers x K and V x (10 encoder tokens + mean self length (2 + 20) / 2) x 4 heads x 16 x 4 bytes
     assert cache_bytes(CacheLayout(2, 4, 16), 10, 20) == 2 * 2 * 21 * 4 * 16 * 4
     assert cache_bytes(CacheLayout(2, 4, 16), 10, 1) == 2 * 2 * 10 * 4 * 16 * 4
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_a_variant_whose_quantize_report_failed_is_timed_and_a_failed_quantize_is_an_error(
+    tiny_loc_model_dir, tiny_export_dir, tmp_path, monkeypatch, listed
+):
+    import subprocess
+
+    import flonnx.export.bench as bench
+    from flonnx.export.bench import BenchOptions, prepare
+    from flonnx.runtime.errors import ExportError
+    from flonnx.runtime.manifest import read_manifest
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tiny-checkpoint").symlink_to(tiny_loc_model_dir)
+    (cache / "tiny-onnx").symlink_to(tiny_export_dir)
+    calls = []
+
+    def quantize(command, **kwargs):  # exit 1: the report flagged accuracy, or it failed early
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 1)
+
+    def manifest(folder):
+        found = read_manifest(folder)
+        if calls and listed:
+            found["variants"]["int8"] = found["variants"]["fp32"]
+        return found
+
+    monkeypatch.setattr(bench.subprocess, "run", quantize)
+    monkeypatch.setattr(bench, "read_manifest", manifest)
+    lines = []
+    options = BenchOptions(size="tiny", cache=cache, variants=("fp32", "int8"))
+    if listed:
+        assert prepare(options, lines.append) == (cache / "tiny-checkpoint", cache / "tiny-onnx")
+        assert "int8: its quantize report flagged accuracy (above); timed all the same" in lines
+    else:
+        with pytest.raises(ExportError, match=r"--recipe int8 failed \(exit 1\)"):
+            prepare(options, lines.append)
+    assert [command[1:] for command in calls] == [["quantize", str(cache / "tiny-onnx"), "--recipe", "int8"]]
