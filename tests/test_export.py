@@ -681,7 +681,8 @@ def test_exported_decoder_computes_no_reshape_shapes_per_step(tiny_export_dir):
     assert reshapes and not any(n.input[1] in producers for n in reshapes)
 
 
-@pytest.mark.parametrize("size", [64, 96])  # 96: 24x24 then 12x12 tokens, windows padded at 3x3
+# Stages 16/8/4/2 tokens wide at 64 px, all padded to 12x12 windows; at 96 px 24 and 12 fit exactly.
+@pytest.mark.parametrize("size", [64, 96])
 def test_channels_last_vision_wrapper_is_transformers_get_image_features(seed0_model, size):
     import torch
 
