@@ -89,38 +89,64 @@ def _read_config(src: str) -> dict | None:
         raise ExportError(f"cannot read {path}: {error}") from None
 
 
-def check_source(src: str) -> None:
-    """Refuse what is not a native Florence-2 checkpoint before loading any weights."""
+def check_source(src: str) -> str:
+    """The checkpoint's format, "native" or "original"; refuses anything else before loading weights."""
     config = _read_config(src)
     if config is None:
         if not HUB_ID.fullmatch(src):
             raise ExportError(f"checkpoint folder not found: {src}")
-        return  # a hub id: from_pretrained decides
+        return "hub"  # decided once config.json is downloaded
     model_type = config.get("model_type")
     if model_type != "florence2":
         raise ExportError(f"{src} is not a Florence-2 checkpoint (config.json model_type is {model_type!r})")
-    vision_type = (config.get("vision_config") or {}).get("model_type")
-    if "auto_map" in config or vision_type == "davit":
-        raise ExportError(
-            f"{src} is an original Microsoft remote-code Florence-2 checkpoint; "
-            "converting those is not supported "
-            "yet: use a native transformers checkpoint (e.g. florence-community/Florence-2-base)"
-        )
+    from .original import is_original_config
+
+    return "original" if is_original_config(config) else "native"
 
 
-def load_checkpoint(src: str):
-    check_source(src)
+def _download(src: str) -> str:
+    """A hub id's files (configs, tokenizer, weights; never code) in the local cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"])
+    except Exception as error:  # offline, unknown repo, gated repo: one line
+        raise ExportError(f"cannot download checkpoint {src}: {str(error).splitlines()[0]}") from None
+
+
+def load_checkpoint(src: str) -> tuple:
+    """(native model, native processor, conversion report or None) of a folder or hub id."""
+    kind = check_source(src)
+    if kind == "hub":
+        src = _download(src)
+        kind = check_source(src)
+    if kind == "original":
+        from .original import load_original
+
+        return load_original(src)
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
     try:
         model = Florence2ForConditionalGeneration.from_pretrained(src, dtype="float32").eval()
         processor = AutoProcessor.from_pretrained(src)
     except OSError as error:
-        where = "" if Path(src).exists() else f"there is no local folder {src}, and as a hub id: "
-        raise ExportError(f"cannot load checkpoint {src}: {where}{str(error).splitlines()[0]}") from None
+        raise ExportError(f"cannot load checkpoint {src}: {str(error).splitlines()[0]}") from None
     except Exception as error:  # safetensors, json and torch raise many types for a damaged checkpoint
         raise ExportError(f"cannot load checkpoint {src}: {type(error).__name__}: {error}") from None
-    return model, processor
+    return model, processor, None
+
+
+def conversion_summary(conversion: dict) -> str:
+    """One progress line: what converting an original checkpoint did."""
+    parts = [
+        f"converted {conversion['weights']}: vocabulary {conversion['vocab_size']} rows",
+        f"final_logits_bias {conversion['final_logits_bias']}",
+    ]
+    if conversion.get("unused_tensors"):
+        parts.append(f"{len(conversion['unused_tensors'])} unused tensors left out")
+    for key, (configured, used) in conversion.get("config_corrections", {}).items():
+        parts.append(f"{key} {configured} in config.json, {used} used")
+    return "; ".join(parts)
 
 
 def graph_specs(model, image_size: int) -> list[GraphSpec]:
@@ -296,14 +322,18 @@ def _versions() -> dict:
     }
 
 
-def _source(src: str, model) -> dict:
+def _source(src: str, model, conversion: dict | None) -> dict:
     folder = Path(src)
     weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
-    return {
+    source = {
         "id": str(folder.resolve()) if folder.is_dir() else src,
+        "format": "original" if conversion else "native",
         "revision": getattr(model.config, "_commit_hash", None),
         "weights_sha256": {path.name: sha256_file(path) for path in weights},
     }
+    if conversion:
+        source["conversion"] = conversion
+    return source
 
 
 def _entry(folder: Path, component: str) -> dict:
@@ -313,7 +343,15 @@ def _entry(folder: Path, component: str) -> dict:
     return entry
 
 
-def build_manifest(src: str, model, folder: Path, image_size: int, report: dict, io_names: dict) -> dict:
+def build_manifest(
+    src: str,
+    model,
+    folder: Path,
+    image_size: int,
+    report: dict,
+    io_names: dict,
+    conversion: dict | None = None,
+) -> dict:
     shape = DecoderShape.of(model)
     text = model.config.text_config
     files = [f"onnx/{name}.onnx" for name in COMPONENTS] + list(CONFIG_FILES)
@@ -322,7 +360,7 @@ def build_manifest(src: str, model, folder: Path, image_size: int, report: dict,
     return {
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": _source(src, model),
+        "source": _source(src, model, conversion),
         "tools": _versions(),
         "model": {
             "image_size": image_size,
@@ -389,10 +427,12 @@ def export(
 
     progress = progress or Progress()
     out = Path(out)
-    check_source(str(src))
+    kind = check_source(str(src))
     check_out(out, force)
-    progress(f"loading {src}")
-    model, processor = load_checkpoint(str(src))
+    progress(f"loading {src}" + (" (original format: converting to native)" if kind == "original" else ""))
+    model, processor, conversion = load_checkpoint(str(src))
+    if conversion:
+        progress(conversion_summary(conversion))
     image_size = check_image_size(image_size, model.config)
     staging = _prepare_out(out, force)
     try:
@@ -434,7 +474,7 @@ def export(
         worst = ", ".join(f"{graph} {diff:.2g}" for graph, diff in report["max_abs_diff"].items())
         parity = ", ".join(f"{r['task']} {r['tokens']} tokens" for r in report["token_parity"])
         progress(f"validation passed: max abs diff {worst}; token parity {parity}")
-        manifest = build_manifest(str(src), model, staging, image_size, report, io_names)
+        manifest = build_manifest(str(src), model, staging, image_size, report, io_names, conversion)
         write_json_atomic(staging / MANIFEST, manifest)
         _move_into_place(staging, out)
     except BaseException:

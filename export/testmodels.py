@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flonnx.runtime.postprocess import DEFAULT_POST_PROCESSOR_CONFIG
+
 if TYPE_CHECKING:
     import torch
     from transformers import (
@@ -131,34 +133,9 @@ GENERATION_DEFAULTS = {
     "no_repeat_ngram_size": 3,
     "early_stopping": True,
 }
-# Florence2Processor's parsing rules as the transformers conversion script writes them.
-# The pronoun-like phrases (duplicates included) are dropped from phrase grounding.
-BANNED_GROUNDING_TOKENS = (
-    "it, I, me, mine, you, your, yours, he, him, his, she, her, hers, they, them, their, theirs, "
-    "one, oneself, we, us, our, ours, you, your, yours, they, them, their, theirs, mine, yours, his, "
-    "hers, its, ours, yours, theirs, myself, yourself, himself, herself, itself, ourselves, "
-    "yourselves, themselves, this, that, these, those, who, whom, whose, which, what, who, whom, "
-    "whose, which, that, all, another, any, anybody, anyone, anything, each, everybody, everyone, "
-    "everything, few, many, nobody, none, one, several, some, somebody, someone, something, "
-    "each other, one another, myself, yourself, himself, herself, itself, ourselves, yourselves, "
-    "themselves, the image, image, images, the, a, an, a group, other objects, lots, a set"
-).split(", ")
-POST_PROCESSOR_CONFIG = {
-    "ocr": {
-        "pattern": (
-            r"(.+?)<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>"
-            r"<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>"
-        ),
-        "area_threshold": 0.0,
-    },
-    "phrase_grounding": {"banned_grounding_tokens": BANNED_GROUNDING_TOKENS},
-    "pure_text": {},
-    "description_with_bboxes": {},
-    "description_with_polygons": {},
-    "polygons": {},
-    "bboxes": {},
-    "description_with_bboxes_or_polygons": {},
-}
+# Florence2Processor's parsing rules as the transformers conversion script writes them (the
+# original processor's built-in defaults, which the runtime also falls back to).
+POST_PROCESSOR_CONFIG = DEFAULT_POST_PROCESSOR_CONFIG
 
 
 def load_tokenizer_json() -> str:
@@ -323,4 +300,262 @@ def save_model(
     out = Path(out_dir)
     build_model(shape, seed, loc_scale).save_pretrained(out)
     build_processor(image_size).save_pretrained(out)
+    return out
+
+
+# -- original (remote-code) format: the inverse of export/original.py, for tests -------------------
+
+_ORIGINAL_PROJECTOR = {
+    "model.multi_modal_projector.image_projection.weight": "image_projection",
+    "model.multi_modal_projector.image_proj_norm.weight": "image_proj_norm.weight",
+    "model.multi_modal_projector.image_proj_norm.bias": "image_proj_norm.bias",
+    "model.multi_modal_projector.image_position_embed.row_embeddings.weight": (
+        "image_pos_embed.row_embeddings.weight"
+    ),
+    "model.multi_modal_projector.image_position_embed.column_embeddings.weight": (
+        "image_pos_embed.column_embeddings.weight"
+    ),
+    "model.multi_modal_projector.visual_temporal_embed.pos_idx_to_embed": (
+        "visual_temporal_embed.pos_idx_to_embed"
+    ),
+}
+_NATIVE_TIED = (
+    "lm_head.weight",
+    "model.language_model.encoder.embed_tokens.weight",
+    "model.language_model.decoder.embed_tokens.weight",
+)
+
+
+def original_name(key: str) -> str:
+    """The remote-code name of a native state-dict key (the inverse of `original.native_name`)."""
+    import re
+
+    if key.startswith("model.language_model."):
+        return "language_model.model." + key.removeprefix("model.language_model.")
+    if key == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    if key in _ORIGINAL_PROJECTOR:
+        return _ORIGINAL_PROJECTOR[key]
+    name = key.removeprefix("model.")
+    attention = "window_attn" if ".spatial_block." in name else "channel_attn"
+    name = re.sub(r"\.convs\.(\d+)\.conv\.", r".convs.\1.proj.", name)
+    name = re.sub(r"\.(conv[12])\.", r".\1.fn.dw.", name)
+    name = name.replace(".norm1.", f".{attention}.norm.").replace(".norm2.", ".ffn.norm.")
+    name = re.sub(r"\.(window_attn|channel_attn)\.(qkv|proj)\.", r".\1.fn.\2.", name)
+    return re.sub(r"\.ffn\.(fc[12])\.", r".ffn.fn.net.\1.", name)
+
+
+def original_config(config: Florence2Config, layout: str = "compact", bad_ids: bool = False) -> dict:
+    """config.json as Microsoft's remote-code checkpoints write it.
+
+    "compact": the hand-written ~2.4 kB file of microsoft/Florence-2-*; "full": a transformers 4.x
+    dump (~5.4 kB) as fine-tunes save it, with `model_type` "florence2_language" / "davit" and every
+    default. `bad_ids`: top-level bos 2 / eos 1 / pad 0, as some fine-tunes carry them.
+    """
+    if layout not in ("compact", "full"):
+        raise ValueError(f"Invalid layout {layout!r}, expected one of: compact, full")
+    vision, text = config.vision_config, config.text_config
+    text_settings = {
+        "vocab_size": ORIGINAL_VOCAB_ROWS,
+        "activation_function": text.activation_function,
+        "d_model": text.d_model,
+        "encoder_layers": text.encoder_layers,
+        "decoder_layers": text.decoder_layers,
+        "encoder_attention_heads": text.encoder_attention_heads,
+        "decoder_attention_heads": text.decoder_attention_heads,
+        "encoder_ffn_dim": text.encoder_ffn_dim,
+        "decoder_ffn_dim": text.decoder_ffn_dim,
+        "dropout": text.dropout,
+        "attention_dropout": text.attention_dropout,
+        "activation_dropout": text.activation_dropout,
+        "init_std": text.init_std,
+        "max_position_embeddings": text.max_position_embeddings,
+        "scale_embedding": text.scale_embedding,
+        "add_final_layer_norm": False,
+        "normalize_before": False,
+        "bos_token_id": 0,
+        "pad_token_id": 1,
+        "eos_token_id": 2,
+        "decoder_start_token_id": 2,
+        "forced_bos_token_id": 0,
+        "forced_eos_token_id": 2,
+        "early_stopping": True,
+        "no_repeat_ngram_size": 3,
+        "num_beams": 3,
+        "is_encoder_decoder": True,
+    }
+    vision_settings = {
+        "model_type": "davit",
+        "drop_path_rate": vision.drop_path_rate,
+        "patch_size": list(vision.patch_size),
+        "patch_stride": list(vision.patch_stride),
+        "patch_padding": list(vision.patch_padding),
+        "patch_prenorm": list(vision.patch_prenorm),
+        "enable_checkpoint": False,
+        "dim_embed": list(vision.embed_dim),
+        "num_heads": list(vision.num_heads),
+        "num_groups": list(vision.num_groups),
+        "depths": list(vision.depths),
+        "window_size": vision.window_size,
+        "projection_dim": vision.projection_dim,
+        "visual_temporal_embedding": {
+            "type": "COSINE",
+            "max_temporal_embeddings": vision.max_temporal_embeddings,
+        },
+        "image_pos_embed": {"type": "learned_abs_2d", "max_pos_embeddings": vision.max_position_embeddings},
+        "image_feature_source": ["spatial_avg_pool", "temporal_avg_pool"],
+    }
+    if layout == "full":
+        defaults = {
+            "architectures": None,
+            "bad_words_ids": None,
+            "chunk_size_feed_forward": 0,
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "length_penalty": 1.0,
+            "max_length": 20,
+            "min_length": 0,
+            "num_beam_groups": 1,
+            "num_return_sequences": 1,
+            "output_attentions": False,
+            "repetition_penalty": 1.0,
+            "return_dict": True,
+            "temperature": 1.0,
+            "tie_word_embeddings": True,
+            "top_k": 50,
+            "top_p": 1.0,
+            "torch_dtype": None,
+            "use_bfloat16": False,
+        }
+        text_settings = {**defaults, **text_settings, "model_type": "florence2_language", "use_cache": True}
+        vision_settings = {**defaults, **vision_settings, "early_stopping": False, "num_beams": 1}
+    ids = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0} if bad_ids else TOP_LEVEL_IDS
+    return {
+        "_name_or_path": "florence2",
+        "architectures": ["Florence2ForConditionalGeneration"],
+        "auto_map": {
+            "AutoConfig": "configuration_florence2.Florence2Config",
+            "AutoModelForCausalLM": "modeling_florence2.Florence2ForConditionalGeneration",
+        },
+        **ids,
+        "ignore_index": -100,
+        "model_type": "florence2",
+        "projection_dim": vision.projection_dim,
+        "text_config": text_settings,
+        "vision_config": vision_settings,
+        "vocab_size": ORIGINAL_VOCAB_ROWS,
+        "torch_dtype": "float16",
+        "transformers_version": "4.41.0.dev0",
+        "is_encoder_decoder": True,
+    }
+
+
+ORIGINAL_VOCAB_ROWS = 51289  # BART's 50265 + Florence-2's 1024: no <image> row
+TOP_LEVEL_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+
+
+def plain_bart_tokenizer_json() -> str:
+    """The tokenizer.json of Microsoft's checkpoints: BART's, without the Florence tokens."""
+    data = json.loads(load_tokenizer_json())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < 50265]
+    return json.dumps(data, ensure_ascii=False)
+
+
+def original_preprocessor_config(image_size: int = 768) -> dict:
+    """preprocessor_config.json in the remote processor's layout."""
+    return {
+        "auto_map": {"AutoProcessor": "processing_florence2.Florence2Processor"},
+        "do_convert_rgb": None,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "do_center_crop": False,
+        "image_processor_type": "CLIPImageProcessor",
+        "image_seq_length": (image_size // PATCH_STRIDE) ** 2 + 1,
+        "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD,
+        "processor_class": "Florence2Processor",
+        "resample": 3,
+        "size": {"height": image_size, "width": image_size},
+        "crop_size": {"height": image_size, "width": image_size},
+    }
+
+
+def native_for_original(model: Florence2ForConditionalGeneration, dtype: str = "float16"):
+    """Make a native model exactly representable as an original checkpoint, in place.
+
+    The weights are rounded to `dtype` (Microsoft's files are float16), and the rows past the
+    original vocabulary (<image> and padding) are zeroed so that they never win an argmax: the
+    native model then generates what the converted one does.
+    """
+    import torch
+
+    with torch.no_grad():
+        if dtype == "float16":
+            for tensor in [*model.parameters(), *model.buffers()]:
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.half().float())
+        model.get_input_embeddings().weight[ORIGINAL_VOCAB_ROWS:] = 0.0
+    return model
+
+
+def save_original(
+    model: Florence2ForConditionalGeneration,
+    out_dir: str | Path,
+    *,
+    layout: str = "compact",
+    weights: str = "safetensors",
+    bad_ids: bool = False,
+    embedding_names: tuple[str, ...] = ("language_model.model.shared.weight",),
+    logits_bias: torch.Tensor | None = None,
+    image_size: int = 768,
+    dtype: str = "float16",
+) -> Path:
+    """Write `model` (see `native_for_original`) as a Microsoft remote-code checkpoint folder.
+
+    `embedding_names`: which of the tied embedding's four original names the file holds (a
+    safetensors file keeps one). `logits_bias`: a fine-tune's non-zero `final_logits_bias`.
+    """
+    import torch
+
+    if weights not in ("safetensors", "bin"):
+        raise ValueError(f"Invalid weights {weights!r}, expected one of: safetensors, bin")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cast = torch.float16 if dtype == "float16" else torch.float32
+    state = {}
+    table = model.get_input_embeddings().weight.detach()[:ORIGINAL_VOCAB_ROWS]
+    for key, value in model.state_dict().items():
+        if key in _NATIVE_TIED or key == "model.language_model.shared.weight":
+            continue
+        value = value.detach()
+        if key == "model.multi_modal_projector.image_projection.weight":
+            value = value.t()
+        state[original_name(key)] = value.to(cast).contiguous()
+    for name in embedding_names:
+        state[name] = table.to(cast).clone()
+    bias = torch.zeros(1, ORIGINAL_VOCAB_ROWS) if logits_bias is None else logits_bias.reshape(1, -1)
+    state["language_model.final_logits_bias"] = bias.to(cast)
+    last = model.config.vision_config.embed_dim[-1]
+    state["vision_tower.norms.weight"] = torch.ones(last, dtype=cast)  # in the original DaViT, unused
+    state["vision_tower.norms.bias"] = torch.zeros(last, dtype=cast)
+    if weights == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(state, out / "pytorch_model.bin")
+    config = original_config(model.config, layout, bad_ids)
+    generation = {"num_beams": 3, "early_stopping": False}
+    if bad_ids:
+        generation = {**generation, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+    files = {
+        "config.json": config,
+        "generation_config.json": generation,
+        "preprocessor_config.json": original_preprocessor_config(image_size),
+        "tokenizer_config.json": {"model_max_length": 1024},
+    }
+    for name, data in files.items():
+        (out / name).write_text(json.dumps(data, indent=2) + "\n")
+    (out / "tokenizer.json").write_text(plain_bart_tokenizer_json())
     return out

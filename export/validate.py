@@ -224,6 +224,21 @@ def onnx_greedy(sessions: dict, pixel_values: np.ndarray, text_ids: np.ndarray, 
     return greedy_decode(embed, decoder, hidden, mask, options, layout)[0]
 
 
+def _generate(model, inputs: dict, n_image: int, max_new_tokens: int) -> list[int]:
+    """`generate` on the processor's inputs. A converted original checkpoint has no `<image>` row
+    (its vocabulary is the original 51289): its image features are prepended to the text
+    embeddings, as the original remote code did, and generate starts from the encoder's output."""
+    options = {"num_beams": 1, "do_sample": False, "max_new_tokens": max_new_tokens}
+    if model.config.image_token_id < model.config.text_config.vocab_size:
+        return model.generate(**inputs, **options)[0].tolist()
+    features = model.get_image_features(inputs["pixel_values"]).pooler_output
+    text = model.get_input_embeddings()(inputs["input_ids"][:, n_image:])
+    embeds = torch.cat([features, text], dim=1)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    encoded = model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+    return model.generate(encoder_outputs=encoded, attention_mask=mask, **options)[0].tolist()
+
+
 def token_parity(
     model, processor, onnx_dir: Path, tasks=PARITY_TASKS, max_new_tokens: int = 24, seed: int = 0
 ) -> list[dict]:
@@ -249,9 +264,7 @@ def token_parity(
     for task in tasks:
         inputs = processor(text=task, images=image, return_tensors="pt")
         with torch.no_grad():
-            expected = model.generate(**inputs, num_beams=1, do_sample=False, max_new_tokens=max_new_tokens)[
-                0
-            ].tolist()
+            expected = _generate(model, inputs, n_image, max_new_tokens)
         actual = onnx_greedy(
             sessions, inputs["pixel_values"].numpy(), inputs["input_ids"][:, n_image:].numpy(), options
         )

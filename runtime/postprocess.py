@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 __all__ = [
+    "DEFAULT_POST_PROCESSOR_CONFIG",
     "POST_PROCESSING_TYPES",
     "decode_generated",
     "decode_sequence",
@@ -32,6 +33,30 @@ __all__ = [
 ]
 
 _OCR_PATTERN = r"(.+?)" + r"<loc_(\d+)>" * 8
+# The original processor's built-in parsing rules (transformers' conversion script writes the same
+# into native checkpoints); used where a folder's preprocessor_config.json has none, as
+# onnx-community's do. The pronoun-like phrases (duplicates included) are dropped from grounding.
+BANNED_GROUNDING_TOKENS = (
+    "it, I, me, mine, you, your, yours, he, him, his, she, her, hers, they, them, their, theirs, "
+    "one, oneself, we, us, our, ours, you, your, yours, they, them, their, theirs, mine, yours, his, "
+    "hers, its, ours, yours, theirs, myself, yourself, himself, herself, itself, ourselves, "
+    "yourselves, themselves, this, that, these, those, who, whom, whose, which, what, who, whom, "
+    "whose, which, that, all, another, any, anybody, anyone, anything, each, everybody, everyone, "
+    "everything, few, many, nobody, none, one, several, some, somebody, someone, something, "
+    "each other, one another, myself, yourself, himself, herself, itself, ourselves, yourselves, "
+    "themselves, the image, image, images, the, a, an, a group, other objects, lots, a set"
+).split(", ")
+DEFAULT_POST_PROCESSOR_CONFIG = {
+    "ocr": {"pattern": r"(.+?)" + r"<loc_(\d+)>" * 8, "area_threshold": 0.0},
+    "phrase_grounding": {"banned_grounding_tokens": BANNED_GROUNDING_TOKENS},
+    "pure_text": {},
+    "description_with_bboxes": {},
+    "description_with_polygons": {},
+    "polygons": {},
+    "bboxes": {},
+    "description_with_bboxes_or_polygons": {},
+}
+
 _PHRASE_WITH_BOXES = re.compile(r"([^<]+(?:<loc_\d+>){4,})")
 _BOXES_ONLY = re.compile(r"(?:(?:<loc_\d+>){4,})")
 _PHRASE = re.compile(r"^\s*(.*?)(?=<od>|</od>|<box>|</box>|<bbox>|</bbox>|<loc_)")

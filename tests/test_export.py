@@ -433,18 +433,22 @@ def test_bart_checkpoint_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_remote_code_checkpoint_is_not_supported_yet(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_remote_code_named_by_a_checkpoint_is_never_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A config naming remote code (auto_map) is read as data; the folder's .py files are never imported."""
     src = tmp_path / "remote-code"
-    src.mkdir()
-    config = json.loads((tiny_model_dir / "config.json").read_text())
+    shutil.copytree(tiny_model_dir, src)
+    marker = tmp_path / "ran"
+    config = json.loads((src / "config.json").read_text())
     config["auto_map"] = {
         "AutoConfig": "configuration_florence2.Florence2Config",
         "AutoModelForCausalLM": "modeling_florence2.Florence2ForConditionalGeneration",
     }
     (src / "config.json").write_text(json.dumps(config))
-    message = _refused(src, tmp_path / "out")
-    assert "not supported yet" in message
-    assert not (tmp_path / "out").exists()
+    for name in ("configuration_florence2.py", "modeling_florence2.py"):
+        (src / name).write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    export(str(src), tmp_path / "out", image_size=64, progress=Progress(quiet=True))
+    assert not marker.exists()
+    assert json.loads((tmp_path / "out" / "flonnx.json").read_text())["source"]["format"] == "native"
 
 
 def test_corrupted_weights(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -18,22 +18,13 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from flonnx.runtime.vocabulary import FLORENCE_TOKENS
+
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "export" / "data" / "florence2_tokenizer.json.gz"
 
 BART_SPECIALS = {0: "<s>", 1: "<pad>", 2: "</s>", 3: "<unk>"}
 MADEUP_WORDS = ["madeupword0000", "madeupword0001", "madeupword0002"]
 MASK_ID = 50264
-# Florence-2's added tokens in id order from 50265; "desciption" is the original spelling.
-FLORENCE_TOKENS = [
-    "<od>",
-    "</od>",
-    "<ocr>",
-    "</ocr>",
-    *(f"<loc_{i}>" for i in range(1000)),
-    *"<cap> </cap> <ncap> </ncap> <dcap> </dcap> <grounding> </grounding> <seg> </seg> <sep>".split(),
-    *"<region_cap> </region_cap> <region_to_desciption> </region_to_desciption>".split(),
-    *"<proposal> </proposal> <poly> </poly> <and>".split(),
-]
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_ID = 51289
 
