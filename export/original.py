@@ -342,6 +342,9 @@ def generation_settings(text: dict, ids: dict) -> dict:
     settings = {
         key: text[key] for key, default in GENERATION_DEFAULTS.items() if key in text and text[key] != default
     }
+    if settings.get("num_beams", 1) == 1:  # beam-only flags; transformers refuses to save them alone
+        for key in ("early_stopping", "length_penalty"):
+            settings.pop(key, None)
     settings.update(ids)
     if "forced_bos_token_id" in text and text["forced_bos_token_id"] is not None:
         settings["forced_bos_token_id"] = text["forced_bos_token_id"]

@@ -345,32 +345,34 @@ def original_name(key: str) -> str:
     return re.sub(r"\.ffn\.(fc[12])\.", r".ffn.fn.net.\1.", name)
 
 
-def original_config(config: Florence2Config, layout: str = "compact", bad_ids: bool = False) -> dict:
+def original_config(config: Florence2Config | dict, layout: str = "compact", bad_ids: bool = False) -> dict:
     """config.json as Microsoft's remote-code checkpoints write it.
 
     "compact": the hand-written ~2.4 kB file of microsoft/Florence-2-*; "full": a transformers 4.x
     dump (~5.4 kB) as fine-tunes save it, with `model_type` "florence2_language" / "davit" and every
-    default. `bad_ids`: top-level bos 2 / eos 1 / pad 0, as some fine-tunes carry them.
+    default. `config`: a native Florence2Config or its config.json. `bad_ids`: top-level bos 2 /
+    eos 1 / pad 0, as some fine-tunes carry them.
     """
     if layout not in ("compact", "full"):
         raise ValueError(f"Invalid layout {layout!r}, expected one of: compact, full")
-    vision, text = config.vision_config, config.text_config
+    config = config if isinstance(config, dict) else config.to_dict()  # config.json of a native model
+    vision, text = config["vision_config"], config["text_config"]
     text_settings = {
         "vocab_size": ORIGINAL_VOCAB_ROWS,
-        "activation_function": text.activation_function,
-        "d_model": text.d_model,
-        "encoder_layers": text.encoder_layers,
-        "decoder_layers": text.decoder_layers,
-        "encoder_attention_heads": text.encoder_attention_heads,
-        "decoder_attention_heads": text.decoder_attention_heads,
-        "encoder_ffn_dim": text.encoder_ffn_dim,
-        "decoder_ffn_dim": text.decoder_ffn_dim,
-        "dropout": text.dropout,
-        "attention_dropout": text.attention_dropout,
-        "activation_dropout": text.activation_dropout,
-        "init_std": text.init_std,
-        "max_position_embeddings": text.max_position_embeddings,
-        "scale_embedding": text.scale_embedding,
+        "activation_function": text["activation_function"],
+        "d_model": text["d_model"],
+        "encoder_layers": text["encoder_layers"],
+        "decoder_layers": text["decoder_layers"],
+        "encoder_attention_heads": text["encoder_attention_heads"],
+        "decoder_attention_heads": text["decoder_attention_heads"],
+        "encoder_ffn_dim": text["encoder_ffn_dim"],
+        "decoder_ffn_dim": text["decoder_ffn_dim"],
+        "dropout": text["dropout"],
+        "attention_dropout": text["attention_dropout"],
+        "activation_dropout": text["activation_dropout"],
+        "init_std": text["init_std"],
+        "max_position_embeddings": text["max_position_embeddings"],
+        "scale_embedding": text["scale_embedding"],
         "add_final_layer_norm": False,
         "normalize_before": False,
         "bos_token_id": 0,
@@ -386,23 +388,26 @@ def original_config(config: Florence2Config, layout: str = "compact", bad_ids: b
     }
     vision_settings = {
         "model_type": "davit",
-        "drop_path_rate": vision.drop_path_rate,
-        "patch_size": list(vision.patch_size),
-        "patch_stride": list(vision.patch_stride),
-        "patch_padding": list(vision.patch_padding),
-        "patch_prenorm": list(vision.patch_prenorm),
+        "drop_path_rate": vision["drop_path_rate"],
+        "patch_size": list(vision["patch_size"]),
+        "patch_stride": list(vision["patch_stride"]),
+        "patch_padding": list(vision["patch_padding"]),
+        "patch_prenorm": list(vision["patch_prenorm"]),
         "enable_checkpoint": False,
-        "dim_embed": list(vision.embed_dim),
-        "num_heads": list(vision.num_heads),
-        "num_groups": list(vision.num_groups),
-        "depths": list(vision.depths),
-        "window_size": vision.window_size,
-        "projection_dim": vision.projection_dim,
+        "dim_embed": list(vision["embed_dim"]),
+        "num_heads": list(vision["num_heads"]),
+        "num_groups": list(vision["num_groups"]),
+        "depths": list(vision["depths"]),
+        "window_size": vision["window_size"],
+        "projection_dim": vision["projection_dim"],
         "visual_temporal_embedding": {
             "type": "COSINE",
-            "max_temporal_embeddings": vision.max_temporal_embeddings,
+            "max_temporal_embeddings": vision["max_temporal_embeddings"],
         },
-        "image_pos_embed": {"type": "learned_abs_2d", "max_pos_embeddings": vision.max_position_embeddings},
+        "image_pos_embed": {
+            "type": "learned_abs_2d",
+            "max_pos_embeddings": vision["max_position_embeddings"],
+        },
         "image_feature_source": ["spatial_avg_pool", "temporal_avg_pool"],
     }
     if layout == "full":
@@ -440,7 +445,7 @@ def original_config(config: Florence2Config, layout: str = "compact", bad_ids: b
         **ids,
         "ignore_index": -100,
         "model_type": "florence2",
-        "projection_dim": vision.projection_dim,
+        "projection_dim": vision["projection_dim"],
         "text_config": text_settings,
         "vision_config": vision_settings,
         "vocab_size": ORIGINAL_VOCAB_ROWS,

@@ -27,6 +27,7 @@ from flonnx.runtime.manifest import COMPONENTS, component_data_files, read_manif
 from flonnx.runtime.preprocess import ImagePreprocessor, load_preprocessor_config
 from flonnx.runtime.prompts import TaskTable, build_prompt, check_length, prompt_ids
 from flonnx.runtime.sessions import check_providers, create_session, physical_cores
+from flonnx.runtime.vocabulary import load_tokenizer
 
 from .calibration import CALIBRATION_TASKS, CalibrationTask, calibration_images
 
@@ -297,7 +298,7 @@ class _Folder:
         return cls(
             preprocessor=ImagePreprocessor.from_folder(folder),
             tasks=TaskTable.from_config(load_preprocessor_config(folder)),
-            tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")),
+            tokenizer=load_tokenizer(folder / "tokenizer.json"),
             generation=generation,
             layout=CacheLayout(
                 int(model["decoder_layers"]), int(model["decoder_heads"]), int(model["head_dim"])

@@ -23,6 +23,7 @@ from flonnx.export.onnxfile import move_weights_out
 from flonnx.runtime.errors import FlonnxError, InputError, ModelFolderError
 from flonnx.runtime.manifest import (
     COMPONENTS,
+    MANIFEST,
     read_manifest,
     sha256_file,
     update_manifest,
@@ -209,6 +210,11 @@ def quantize(
     calibration = load_images(list(images) if images else None)
 
     progress(f"checking the fp32 export in {folder}")
+    if folder.is_dir() and not (folder / MANIFEST).exists():
+        from .adopt import adopt
+
+        progress(f"{folder} has no {MANIFEST}: describing its fp32 graphs in one (onnx-community layout)")
+        adopt(folder)
     manifest = read_manifest(folder)
     if "fp32" not in manifest.get("variants", {}):
         raise ModelFolderError(
@@ -231,6 +237,14 @@ def quantize(
     }
     tie_target = f"onnx/embed_tokens{suffix}.onnx.data"
     _check_targets(manifest, name, targets)
+    from .adopt import foreign_files
+
+    theirs = foreign_files(manifest, list(targets.values()))
+    if theirs:
+        raise InputError(
+            f"{', '.join(theirs)} came with the folder (not written by flonnx) and would be replaced; "
+            f"choose a variant name with --variant (its files are then onnx/*_NAME.onnx)"
+        )
     staging = folder / "onnx" / f".quantize-{os.getpid()}"
     records: dict[str, dict] = {}
     pending: dict[str, Path] = {}

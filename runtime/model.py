@@ -7,26 +7,38 @@ image -> preprocess -> vision_encoder -> [image features | prompt embeddings] ->
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from .beam import beam_search
 from .decoding import CacheLayout, GenerationOptions, Hypothesis, greedy_search
 from .errors import InputError, ModelFolderError
-from .manifest import COMPONENTS, CONFIG_FILES, read_manifest, variant_data_files, verify_files
-from .postprocess import decode_generated, post_process
+from .folder import (
+    REQUIRED_FILES,
+    ModelShape,
+    Selection,
+    check_decoder,
+    generation_settings,
+    inside,
+    model_shape,
+    read_json,
+    require_graphs,
+    select,
+)
+from .manifest import CONFIG_FILES, MANIFEST, read_manifest, verify_files
+from .postprocess import DEFAULT_POST_PROCESSOR_CONFIG, decode_generated, post_process
 from .preprocess import ImageInput, ImagePreprocessor, load_image
 from .prompts import TaskTable, build_prompt, check_length, prompt_ids
 from .sampling import resolve_seed, sample
 from .scores import box_scores
 from .sessions import check_providers, create_session, physical_cores
+from .vocabulary import load_tokenizer
 
 VERIFY_MODES = ("size", "sha256")
 
@@ -64,62 +76,90 @@ class Result:
         return {self.task: self.answer}
 
 
-def _read_json(folder: Path, name: str) -> dict:
-    try:
-        return json.loads((folder / name).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFolderError(f"{folder / name} is missing") from None
-    except (OSError, ValueError) as error:
-        raise ModelFolderError(f"cannot read {folder / name}: {error}") from None
-
-
 class Florence2:
-    """A loaded export folder. Immutable: every per-call option is an argument."""
+    """A loaded model folder. Immutable: every per-call option is an argument."""
 
-    def __init__(self, folder: Path, manifest: dict, variant: str, sessions: dict, threads: int):
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict | None,
+        selection: Selection,
+        sessions: dict,
+        threads: int,
+        shape: ModelShape,
+        generation_config: dict,
+    ):
         self.folder = folder
-        self.manifest = manifest
-        self.variant = variant
+        self.manifest = manifest  # None for a folder without flonnx.json (e.g. onnx-community's)
+        self.variant = selection.label
+        self.dtypes = selection.dtypes
         self.threads = threads
+        self.shape = shape
         self._sessions = sessions
-        model = manifest["model"]
-        self.num_image_tokens = int(model["num_image_tokens"])
-        self.max_positions = int(model["max_position_embeddings"])
-        self.layout = CacheLayout(
-            int(model["decoder_layers"]), int(model["decoder_heads"]), int(model["head_dim"])
-        )
-        preprocessor = _read_json(folder, "preprocessor_config.json")
+        self.num_image_tokens = shape.num_image_tokens
+        self.max_positions = shape.max_positions
+        self.layout = CacheLayout(shape.layers, shape.heads, shape.head_dim)
+        preprocessor = read_json(folder, "preprocessor_config.json")
         self.preprocessor = ImagePreprocessor.from_config(preprocessor)
         self.tasks = TaskTable.from_config(preprocessor)
-        self.post_processor_config = preprocessor.get("post_processor_config") or {}
+        # onnx-community folders carry no parsing rules: the original processor's built-in ones apply.
+        rules = preprocessor.get("post_processor_config")
+        self.post_processor_config = rules or DEFAULT_POST_PROCESSOR_CONFIG
         grounding = self.post_processor_config.get("phrase_grounding") or {}
         self._banned_phrases = frozenset(grounding.get("banned_grounding_tokens", []))
-        self.generation_config = _read_json(folder, "generation_config.json")
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.generation_config = generation_config
+        self.tokenizer = load_tokenizer(inside(folder, "tokenizer.json"))
         self.pad_token_id = int(self.generation_config.get("pad_token_id", 1))
 
     @classmethod
     def load(
         cls,
         folder: str | Path,
-        variant: str = "fp32",
+        variant: str | Mapping[str, str] = "fp32",
         threads: int | None = None,
         providers: Sequence[str] | None = None,
         verify: str = "size",
     ) -> Florence2:
-        """Open an export folder. `verify="sha256"` checks every file's hash, not just its size."""
+        """Open a model folder: a flonnx export, or a folder of ONNX graphs in the onnx-community
+        layout without flonnx.json. `variant`: a variant the manifest lists, a transformers.js dtype
+        ("q4", "fp16", ...), or a dtype per component ({"decoder_model_merged": "q4"}). With a
+        manifest, every file it records is checked for size; `verify="sha256"` checks hashes too."""
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        variants = manifest.get("variants", {})
-        if variant not in variants:
-            raise InputError(f"unknown variant {variant!r} in {folder}; available: {', '.join(variants)}")
+        if not folder.is_dir():
+            raise ModelFolderError(f"model folder not found: {folder}")
         if verify not in VERIFY_MODES:
             raise InputError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
-        files = {name: variants[variant][name]["file"] for name in COMPONENTS}
-        data_files = variant_data_files(manifest, variant)
-        verify_files(folder, manifest, [*files.values(), *CONFIG_FILES, *data_files], full=verify == "sha256")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")
+        manifest = read_manifest(folder) if (folder / MANIFEST).exists() else None
+        if manifest is None:
+            require_graphs(folder)
+        selection = select(folder, manifest, variant)
+        for name in REQUIRED_FILES:
+            if not inside(folder, name).is_file():
+                raise ModelFolderError(f"{folder / name} is missing")
+        if manifest is not None:
+            configs = [name for name in CONFIG_FILES if name in manifest.get("files", {})]
+            verify_files(folder, manifest, [*selection.listed, *configs], full=verify == "sha256")
+            unlisted = [f for f in selection.files.values() if f not in selection.listed]
+            if unlisted:
+                warnings.warn(f"{', '.join(unlisted)} not recorded in {MANIFEST}: unverified", stacklevel=2)
+        elif verify == "sha256":
+            raise InputError(f"{folder} has no {MANIFEST}, so there are no hashes to verify against")
+        else:
+            warnings.warn(
+                f"{folder} has no {MANIFEST}: its files are unverified (loaded as an onnx-community folder)",
+                stacklevel=2,
+            )
+        config = read_json(folder, "config.json")
+        shape = model_shape(manifest, config, read_json(folder, "preprocessor_config.json"))
+        generation, corrected = generation_settings(folder, manifest, config)
+        if corrected:
+            warnings.warn(
+                f"generation_config.json disagrees with config.json's text_config; using text_config's "
+                f"{', '.join(corrected)}",
+                stacklevel=2,
+            )
         threads = threads or physical_cores()
         chosen = check_providers(providers)
         # The decoder first: its load briefly needs the most memory (no peak win measured so far).
@@ -127,6 +167,7 @@ class Florence2:
         # sleeping threads would cost. Spinning threads of the other sessions only steal a core from
         # the session that runs next (base int8 <OD>: first decoder step 38 ms instead of 57, 64
         # steps 0.37-0.40 s instead of 0.39-0.43).
+        files = selection.files
         order = sorted(files, key=lambda name: name != "decoder_model_merged")
         sessions = {
             name: create_session(
@@ -134,7 +175,8 @@ class Florence2:
             )
             for name in order
         }
-        return cls(folder, manifest, variant, sessions, threads)
+        check_decoder(sessions["decoder_model_merged"], shape, files["decoder_model_merged"])
+        return cls(folder, manifest, selection, sessions, threads, shape, generation)
 
     # -- stages -------------------------------------------------------------------------------
 

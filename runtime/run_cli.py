@@ -22,15 +22,33 @@ def _box(value: str) -> list[float]:
     return box
 
 
+def _dtype(value: str):
+    from .folder import parse_dtype
+
+    try:
+        return parse_dtype(value)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", metavar="FOLDER", help="an export folder (flonnx export)")
+    parser.add_argument(
+        "folder", metavar="FOLDER", help="an export folder (flonnx export) or an onnx-community folder"
+    )
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
     parser.add_argument(
         "--task", action="append", required=True, help='a task token, e.g. "<OD>"; repeatable'
     )
     parser.add_argument("--text", help="input text for the tasks that take text (phrase grounding, ...)")
     parser.add_argument("--region", type=_box, help="x1,y1,x2,y2 pixel box for the REGION_TO_* tasks")
-    parser.add_argument("--variant", default="fp32", help="model variant from flonnx.json (default fp32)")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--variant", help="a variant listed in flonnx.json, e.g. int8 (default fp32)")
+    choice.add_argument(
+        "--dtype",
+        type=_dtype,
+        help="transformers.js dtype: fp32, fp16, q8, int8, uint8, q4, q4f16, bnb4; or per component, "
+        "e.g. vision_encoder=fp16,decoder_model_merged=q4 (the rest fp32)",
+    )
     parser.add_argument("--max-new-tokens", type=int, help="override generation_config.json's length")
     parser.add_argument("--num-beams", type=int, help="beam width, 1: greedy (default: generation_config)")
     parser.add_argument("--do-sample", action="store_true", help="sample; with num_beams > 1, beam-sample")
@@ -52,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
     from .preprocess import load_image
 
     started = time.perf_counter()
-    model = Florence2.load(args.folder, variant=args.variant, threads=args.threads)
+    variant = args.dtype or args.variant or "fp32"
+    model = Florence2.load(args.folder, variant=variant, threads=args.threads)
     loaded = time.perf_counter() - started
     with_input = set(model.tasks.prompts_with_input)
     for task in args.task:

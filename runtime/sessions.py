@@ -6,6 +6,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from .errors import InputError, ModelFolderError
@@ -76,6 +77,8 @@ def create_session(
             f"onnxruntime cannot load {path}: {first_line} (check the folder with verify='sha256')"
         ) from None
     used = session.get_providers()
+    if any(item.type == "tensor(float16)" for item in [*session.get_inputs(), *session.get_outputs()]):
+        session = HalfPrecisionSession(session)
     fallen = [p for p in providers if p not in used]
     if fallen:
         warnings.warn(
@@ -83,3 +86,32 @@ def create_session(
             stacklevel=3,
         )
     return session
+
+
+class HalfPrecisionSession:
+    """A session whose graph takes or returns float16 (fp16 graphs converted without
+    `keep_io_types`): float32 inputs are cast to what the graph declares, and float16 outputs come
+    back as float32, except the decoder's `present.*` cache, which goes back in as it came out."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+        self._half_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
+        self._outputs = [o.name for o in session.get_outputs()]
+        self._widen = {
+            o.name
+            for o in session.get_outputs()
+            if o.type == "tensor(float16)" and not o.name.startswith("present")
+        }
+
+    def run(self, output_names, feed: dict, run_options=None) -> list:
+        half = self._half_inputs
+        feed = {
+            name: value.astype(np.float16) if name in half and value.dtype == np.float32 else value
+            for name, value in feed.items()
+        }
+        names = output_names or self._outputs
+        outputs = self.session.run(names, feed, run_options)
+        return [out.astype(np.float32) if name in self._widen else out for name, out in zip(names, outputs)]
+
+    def __getattr__(self, name: str):  # get_inputs, get_outputs, get_providers, ...
+        return getattr(self.session, name)
