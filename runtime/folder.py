@@ -52,6 +52,17 @@ def inside(folder: Path, relative: str, what: str = "") -> Path:
     return path
 
 
+def check_links(folder: Path) -> None:
+    """No file the runtime may open (the folder's own files and onnx/, where external weights
+    live) is a symlink to somewhere outside the folder. (onnxruntime itself refuses external-data
+    locations that are absolute or climb out with `..`.)"""
+    for path in (
+        [*folder.iterdir(), *(folder / "onnx").glob("*")] if (folder / "onnx").is_dir() else folder.iterdir()
+    ):
+        if path.is_symlink():
+            inside(folder, str(path.relative_to(folder)), "file")
+
+
 def read_json(folder: Path, name: str, required: bool = True) -> dict:
     path = inside(folder, name)
     try:

@@ -79,10 +79,49 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
-def verify_files(folder: str | os.PathLike, manifest: dict, names: list[str], full: bool = False) -> None:
-    """Check that each file exists with its recorded size (and sha256 when `full`)."""
+VERIFY_MODES = ("cached", "sha256", "size")
+
+
+def cache_path() -> Path:
+    """Where the hashes already checked are remembered: $FLONNX_CACHE, else ~/.cache/flonnx."""
+    root = (
+        os.environ.get("FLONNX_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flonnx"
+    )
+    return Path(root) / "verified.json"
+
+
+def _identity(path: Path) -> list:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev]
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def verify_files(
+    folder: str | os.PathLike, manifest: dict, names: list[str], full: bool = False, mode: str | None = None
+) -> None:
+    """Check that each file exists with its recorded size and, by mode, its sha256.
+
+    "size": sizes only. "sha256" (or `full`): every file hashed. "cached": every file hashed once
+    per identity (size, mtime, inode, device) and recorded sha256, remembered in `cache_path()`, so
+    a folder costs a full read on its first load and a stat per file after that; a file changed in
+    place (new mtime) is hashed again. Where the cache cannot be written, every load hashes.
+    """
     folder = Path(folder)
+    mode = "sha256" if full else (mode or "size")
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify mode must be one of {', '.join(VERIFY_MODES)}, got {mode!r}")
     records = manifest.get("files", {})
+    cache_file = cache_path() if mode != "size" else None  # a full check also teaches the cache
+    cache = _read_cache(cache_file) if cache_file else {}
+    learned = {}
     for name in names:
         record = records.get(name)
         path = folder / name
@@ -93,8 +132,23 @@ def verify_files(folder: str | os.PathLike, manifest: dict, names: list[str], fu
         size = path.stat().st_size
         if size != record["size"]:
             raise ModelFolderError(f"{path} has {size} bytes; {MANIFEST} records {record['size']}")
-        if full and sha256_file(path) != record["sha256"]:
-            raise ModelFolderError(f"{path} does not match the sha256 recorded in {MANIFEST}")
+        if mode == "size":
+            continue
+        key = str(path.resolve())
+        seen = [*_identity(path), record["sha256"]]
+        if mode == "cached" and cache.get(key) == seen:
+            continue
+        if sha256_file(path) != record["sha256"]:
+            raise ModelFolderError(
+                f"{path} does not match the sha256 recorded in {MANIFEST}: the file is damaged or was changed"
+            )
+        learned[key] = seen
+    if cache_file and learned:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(cache_file, {**_read_cache(cache_file), **learned})
+        except OSError:
+            pass  # a read-only home: the next load hashes again, which is slower but as safe
 
 
 def update_manifest(folder: str | os.PathLike, change: Callable[[dict], None]) -> dict:

@@ -24,6 +24,7 @@ from .folder import (
     ModelShape,
     Selection,
     check_decoder,
+    check_links,
     generation_settings,
     inside,
     model_shape,
@@ -31,7 +32,7 @@ from .folder import (
     require_graphs,
     select,
 )
-from .manifest import CONFIG_FILES, MANIFEST, read_manifest, verify_files
+from .manifest import CONFIG_FILES, MANIFEST, VERIFY_MODES, read_manifest, verify_files
 from .postprocess import DEFAULT_POST_PROCESSOR_CONFIG, decode_generated, post_process
 from .preprocess import ImageInput, ImagePreprocessor, load_image
 from .prompts import TaskTable, build_prompt, check_length, prompt_ids
@@ -39,8 +40,6 @@ from .sampling import resolve_seed, sample
 from .scores import box_scores
 from .sessions import check_providers, create_session, physical_cores
 from .vocabulary import load_tokenizer
-
-VERIFY_MODES = ("size", "sha256")
 
 
 @dataclass(frozen=True)
@@ -118,12 +117,14 @@ class Florence2:
         variant: str | Mapping[str, str] = "fp32",
         threads: int | None = None,
         providers: Sequence[str] | None = None,
-        verify: str = "size",
+        verify: str = "cached",
     ) -> Florence2:
         """Open a model folder: a flonnx export, or a folder of ONNX graphs in the onnx-community
         layout without flonnx.json. `variant`: a variant the manifest lists, a transformers.js dtype
         ("q4", "fp16", ...), or a dtype per component ({"decoder_model_merged": "q4"}). With a
-        manifest, every file it records is checked for size; `verify="sha256"` checks hashes too."""
+        manifest, every file it records is checked against its sha256 once per file identity
+        (`verify="cached"`, remembered across processes); `verify="sha256"` hashes every file on
+        every load, `verify="size"` only compares sizes."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelFolderError(f"model folder not found: {folder}")
@@ -135,12 +136,13 @@ class Florence2:
         if manifest is None:
             require_graphs(folder)
         selection = select(folder, manifest, variant)
+        check_links(folder)
         for name in REQUIRED_FILES:
             if not inside(folder, name).is_file():
                 raise ModelFolderError(f"{folder / name} is missing")
         if manifest is not None:
             configs = [name for name in CONFIG_FILES if name in manifest.get("files", {})]
-            verify_files(folder, manifest, [*selection.listed, *configs], full=verify == "sha256")
+            verify_files(folder, manifest, [*selection.listed, *configs], mode=verify)
             unlisted = [f for f in selection.files.values() if f not in selection.listed]
             if unlisted:
                 warnings.warn(f"{', '.join(unlisted)} not recorded in {MANIFEST}: unverified", stacklevel=2)

@@ -7,6 +7,20 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def verification_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Hashes the runtime has checked are remembered here, not in the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("FLONNX_CACHE")
+    os.environ["FLONNX_CACHE"] = str(tmp_path_factory.mktemp("flonnx_cache"))
+    yield
+    if old is None:
+        del os.environ["FLONNX_CACHE"]
+    else:
+        os.environ["FLONNX_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A native Florence-2 checkpoint folder with the `tiny` shape and seeded random weights."""

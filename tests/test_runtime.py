@@ -197,11 +197,61 @@ def test_load_checks_sizes_and_optionally_hashes(tiny_export_dir, tmp_path):
     graph.write_bytes(bytes(data))
     with pytest.raises(ModelFolderError, match="does not match the sha256"):
         Florence2.load(copy, verify="sha256")
+    with pytest.raises(ModelFolderError, match="encoder_model.onnx does not match the sha256"):
+        Florence2.load(copy)  # the default checks hashes too (once per file identity)
     with pytest.raises(ModelFolderError, match="onnxruntime cannot load .*encoder_model.onnx"):
-        Florence2.load(copy)  # sizes agree, so only onnxruntime notices
+        Florence2.load(copy, verify="size")  # sizes agree, so only onnxruntime notices
     graph.write_bytes(bytes(data[:-10]))
     with pytest.raises(ModelFolderError, match="bytes"):
         Florence2.load(copy)
+
+
+def test_flipped_weight_bytes_are_caught_by_default(tiny_export_dir, tmp_path):
+    """Same size, flipped bytes in the weights: onnxruntime loads it and answers garbage."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export_dir, copy)
+    weights = copy / "onnx" / "decoder_model_merged.onnx.data"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(
+        b ^ 0x5A for b in data[len(data) // 2 : len(data) // 2 + 64]
+    )
+    weights.write_bytes(bytes(data))
+    assert Florence2.load(copy, verify="size").run(_image(1), "<CAPTION>", max_new_tokens=8)  # it runs
+    with pytest.raises(ModelFolderError, match="decoder_model_merged.onnx.data does not match the sha256"):
+        Florence2.load(copy)
+
+
+def test_hashes_are_checked_once_per_file_identity(tiny_export_dir, tmp_path, monkeypatch):
+    import os
+
+    from flonnx.runtime import manifest as manifest_module
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export_dir, copy)
+    monkeypatch.setenv("FLONNX_CACHE", str(tmp_path / "cache"))
+    hashed = []
+    real = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(path) or real(path))
+    Florence2.load(copy)
+    first = len(hashed)
+    assert first >= 4 + 5  # the graphs, their weights and the configs
+    Florence2.load(copy)
+    assert len(hashed) == first  # remembered: a stat per file
+    graph = copy / "onnx" / "encoder_model.onnx"
+    os.utime(graph, ns=(graph.stat().st_atime_ns, graph.stat().st_mtime_ns + 10**9))
+    Florence2.load(copy)
+    assert hashed[first:] == [graph]  # the file that changed, and only it
+
+
+def test_symlinks_out_of_the_folder_are_refused(tiny_export_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export_dir, copy)
+    weights = copy / "onnx" / "encoder_model.onnx.data"
+    outside = tmp_path / "elsewhere.data"
+    shutil.move(weights, outside)
+    weights.symlink_to(outside)
+    with pytest.raises(ModelFolderError, match="'onnx/encoder_model.onnx.data' leaves the folder"):
+        Florence2.load(copy, verify="size")
 
 
 # -- CLI ----------------------------------------------------------------------------------
@@ -268,6 +318,14 @@ def test_cli_run_result_equals_api(tiny_export_dir, model, tmp_path, capsys):
         (["{image}", "--task", "<NOPE>"], "unknown task"),
         (["{image}", "--task", "<OD>", "--max-new-tokens", "0"], "max_new_tokens"),
         (["{image}", "--task", "<OD>", "--variant", "int2"], "available"),
+        (["{image}", "--task", "<OD>", "--text", "extra"], "--text 'extra' is not used by <OD>: it takes no"),
+        (["{image}", "--task", "<OD>", "--region", "1,2,3,4"], "--region is not used by <OD>; tasks that"),
+        (
+            ["{image}", "--task", "<CAPTION_TO_PHRASE_GROUNDING>", "--region", "1,2,3,4", "--text", "a"],
+            "tasks that take a region: <REGION_TO_SEGMENTATION>",
+        ),
+        (["{image}", "--task", "<CAPTION_TO_PHRASE_GROUNDING>"], "needs text input"),
+        (["{image}", "--task", "<REGION_TO_CATEGORY>"], "needs a region"),
     ],
 )
 def test_cli_run_errors_are_one_line_exit_2(tiny_export_dir, tmp_path, capsys, args, fragment):
@@ -284,3 +342,19 @@ def test_cli_help_is_quick_and_lists_commands():
         [sys.executable, "-m", "flonnx.runtime.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "export" in out.stdout and "run" in out.stdout
+
+
+def test_one_model_shared_by_threads_answers_as_serial(model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(_image(seed), task, text) for seed in range(4) for task, text in TASKS[::3]]
+
+    def one(job):
+        image, task, text = job
+        region = text if text and text.startswith("<loc_") else None
+        request = Request(image, task, None if region else text, region)
+        return _run(model, [request], max_new_tokens=16)[0].as_dict()
+
+    serial = [one(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert list(pool.map(one, jobs * 2)) == serial * 2
