@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "quantize",
         "add int8 / int4 variants to an export folder, with a report",
     ),
+    "info": ("flonnx.runtime.info", "runtime", "what this machine offers, or what a model folder holds"),
 }
 
 # Imports a stage needs, mapped to the extra that installs them.
@@ -46,10 +47,17 @@ def _parser(add_arguments: Callable[[str, argparse.ArgumentParser], None]) -> ar
         prog="flonnx", description="Florence-2 on CPUs and devices through ONNX."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"flonnx {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, _, summary) in SUBCOMMANDS.items():
         add_arguments(name, commands.add_parser(name, help=summary, description=summary))
     return parser
+
+
+def _version() -> str:
+    from .info import version
+
+    return version()
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -70,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 modules[name] = _load(module_name, extra)
             except MissingExtraError as error:
+                # whatever arguments follow, the answer is which extra to install
                 modules[name] = error
+                sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
                 return
             modules[name].add_arguments(sub)
         else:
@@ -78,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         parser = _parser(add_arguments)
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
         module = modules.get(args.command)
         if isinstance(module, BaseException):
-            raise module
+            raise module  # a missing extra, whatever arguments came with it
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return int(module.main(args) or 0)
     except FlonnxError as error:
         if debug:

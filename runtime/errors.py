@@ -40,7 +40,8 @@ class MissingExtraError(FlonnxError):
 
     def __init__(self, extra: str, module: str):
         super().__init__(
-            f"this needs the '{extra}' extra ({module} is missing): pip install 'flonnx[{extra}]'"
+            f"this needs the '{extra}' extra ({module} is missing): in a flonnx clone, "
+            f"pip install '.[{extra}]' (or pip install 'flonnx-VERSION-py3-none-any.whl[{extra}]')"
         )
         self.extra = extra
         self.module = module
