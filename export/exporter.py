@@ -25,6 +25,7 @@ from flonnx.runtime.manifest import (
     MANIFEST,
     file_record,
     sha256_file,
+    stale_work,
     write_json_atomic,
 )
 
@@ -394,6 +395,20 @@ def check_out(out: Path, force: bool) -> None:
             break
 
 
+def recover(out: Path) -> None:
+    """Clear what a killed export left beside OUT: its partial folder, and the previous export it
+    had moved aside just before renaming the new one into place (restored when OUT is missing)."""
+    if not out.parent.is_dir():
+        return
+    for partial in stale_work(out.parent, f".{out.name}.partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    for old in stale_work(out.parent, f".{out.name}.old-*"):
+        if not out.exists():
+            os.replace(old, out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _prepare_out(out: Path, force: bool) -> Path:
     check_out(out, force)
     try:
@@ -428,6 +443,7 @@ def export(
     progress = progress or Progress()
     out = Path(out)
     kind = check_source(str(src))
+    recover(out)
     check_out(out, force)
     progress(f"loading {src}" + (" (original format: converting to native)" if kind == "original" else ""))
     model, processor, conversion = load_checkpoint(str(src))

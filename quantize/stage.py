@@ -26,6 +26,7 @@ from flonnx.runtime.manifest import (
     MANIFEST,
     read_manifest,
     sha256_file,
+    stale_work,
     update_manifest,
     variant_data_files,
     variant_files,
@@ -245,6 +246,8 @@ def quantize(
             f"{', '.join(theirs)} came with the folder (not written by flonnx) and would be replaced; "
             f"choose a variant name with --variant (its files are then onnx/*_NAME.onnx)"
         )
+    for stale in stale_work(folder / "onnx", ".quantize-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     staging = folder / "onnx" / f".quantize-{os.getpid()}"
     records: dict[str, dict] = {}
     pending: dict[str, Path] = {}

@@ -62,6 +62,23 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return manifest
 
 
+def stale_work(folder: Path, pattern: str) -> list[Path]:
+    """Entries of `folder` named `pattern` ("<prefix>-<pid>") whose writing process is gone: what
+    an export or quantize killed mid-way left behind."""
+    found = []
+    for path in folder.glob(pattern):
+        pid = path.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            found.append(path)
+        except PermissionError:
+            pass  # alive, another user's
+    return found
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
     path = Path(path)

@@ -140,8 +140,10 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int | None) -> Ima
         ) from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{name} is not an image Pillow can read") from e
-    except OSError as e:
-        raise ImageError(f"cannot read {name}: {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # a damaged header: Pillow's plugins raise OSError, ValueError, SyntaxError...
+        raise ImageError(f"cannot read {name}: {type(e).__name__}: {e}") from e
     with image:
         width, height = image.size
         if max_pixels is not None and width * height > max_pixels:

@@ -358,3 +358,32 @@ def test_one_model_shared_by_threads_answers_as_serial(model):
     serial = [one(job) for job in jobs]
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert list(pool.map(one, jobs * 2)) == serial * 2
+
+
+def _rss_mb() -> float:
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="RSS is read from /proc (Linux)")
+def test_memory_stays_flat_over_thousands_of_requests(model):
+    """2000 requests (one in 20 with a new image through the vision encoder): RSS after the first 400
+    and at the end differ by under 10%."""
+    features = [model.encode_image(_image(seed)) for seed in range(4)]
+    tasks = [(task, text) for task, text in TASKS if not (text or "").startswith("<loc_")]
+
+    def batch(start: int) -> list[Request]:
+        requests = []
+        for i in range(start, start + 8):
+            task, text = tasks[i % len(tasks)]
+            image = _image(i % 7, (64, 48)) if i % 20 == 0 else features[i % len(features)]
+            requests.append(Request(image, task, text))
+        return requests
+
+    for start in range(0, 400, 8):
+        _run(model, batch(start), max_new_tokens=6)
+    warm = _rss_mb()
+    for start in range(400, 2000, 8):
+        _run(model, batch(start), max_new_tokens=6)
+    assert _rss_mb() < warm * 1.10, (warm, _rss_mb())
