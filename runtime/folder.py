@@ -97,16 +97,7 @@ class Selection:
     files: dict[str, str]
     data: tuple[str, ...]
     listed: tuple[str, ...]
-
-    @property
-    def dtypes(self) -> dict[str, str]:
-        return {c: _dtype_of(f, c) for c, f in self.files.items()}
-
-
-def _dtype_of(file: str, component: str) -> str:
-    stem = Path(file).name.removesuffix(".onnx")
-    suffix = stem.removeprefix(component)
-    return next((name for name, s in DTYPE_SUFFIXES.items() if s == suffix), suffix.lstrip("_") or "fp32")
+    dtypes: dict[str, str]  # per component: the manifest's label, else the transformers.js dtype
 
 
 def _check_dtype(dtype: object, where: str) -> str:
@@ -136,6 +127,7 @@ def select(folder: Path, manifest: dict | None, variant: str | Mapping[str, str]
         if missing:
             raise ModelFolderError(f"{MANIFEST} variant {variant!r} has no file for {', '.join(missing)}")
         files = {c: entry[c]["file"] for c in COMPONENTS}
+        dtypes = {c: str(entry[c].get("dtype", "?")) for c in COMPONENTS}
         data: list[str] = []
         for component in COMPONENTS:
             data += [d for d in component_data_files(manifest, variant, component) if d not in data]
@@ -173,7 +165,7 @@ def select(folder: Path, manifest: dict | None, variant: str | Mapping[str, str]
     for name in [*files.values(), *data]:
         inside(folder, name, f"{MANIFEST} entry")
     listed = tuple(name for name in [*files.values(), *data] if name in records)
-    return Selection(label, files, tuple(data), listed)
+    return Selection(label, files, tuple(data), listed, dtypes)
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,8 @@ def folder_info(folder: Path, check: str = "cached") -> dict:
             selection = select(folder, manifest, name)
         except FlonnxError:
             continue  # a dtype this folder has no files for
+        if any(selection.files == variants[other]["files"] for other in variants):
+            continue  # a transformers.js name for a variant already listed (flonnx's int8 is q8)
         files = [*selection.files.values(), *selection.data]
         problem = None
         if manifest is not None and selection.listed:
@@ -104,6 +106,7 @@ def folder_info(folder: Path, check: str = "cached") -> dict:
                 problem = str(error)
         unlisted = [f for f in files if f not in selection.listed]
         variants[name] = {
+            "files": selection.files,
             "dtypes": selection.dtypes,
             "bytes": _size(folder, files),
             "verified": problem is None and not unlisted,
