@@ -10,11 +10,15 @@ ARTIFACTS := artifacts
 setup: $(STAMP)
 
 # torch first, from the local CPU wheel: otherwise pip resolves a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# transformers.js (pinned in js/package-lock.json) for tests/test_transformers_js.py: scripts are
+# ignored, since onnxruntime-node's would download CUDA binaries (its CPU binary is in the package).
+$(STAMP): pyproject.toml js/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[export,quantize,dev]'
+	if command -v npm >/dev/null; then cd js && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: transformers.js not installed in js/"; fi
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -286,8 +286,11 @@ def write_configs(model, processor, folder: Path, image_size: int) -> None:
     processor.save_pretrained(folder)
     # transformers 5 keeps the image settings inside processor_config.json; other runtimes and
     # ours read preprocessor_config.json, so it is written in full, with the task tables.
+    # transformers.js's AutoProcessor picks its class by `processor_class` there; without it, it
+    # builds a bare image processor that has no construct_prompts or post_process_generation.
     preprocessor = image_processor.to_dict()
     preprocessor.update(
+        processor_class="Florence2Processor",
         image_seq_length=n_image,
         task_prompts_without_inputs=processor.task_prompts_without_inputs,
         task_prompts_with_input=processor.task_prompts_with_input,
