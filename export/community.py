@@ -34,8 +34,8 @@ from .testmodels import original_config
 
 COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")
 # transformers.js's scripts/float16.py blocks Cast and RandomNormalLike on top of onnxruntime's
-# list; onnxruntime's converter, with Cast blocked, writes casts of If-branch values that the
-# branch cannot see ("... is not a graph input"), so Cast is converted here.
+# list; Cast is converted here, as before flonnx.quantize.float16 learned to move the converter's
+# casts into If branches (blocking Cast broke the merged decoder: "... is not a graph input").
 EXTRA_FP16_BLOCKED = ("RandomNormalLike",)
 
 
@@ -83,32 +83,13 @@ def _bnb4(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
 
-    converted = convert_float_to_float16(
-        model,
-        min_positive_val=1e-7,
-        max_finite_val=1e4,
-        keep_io_types=True,
-        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *EXTRA_FP16_BLOCKED],
+    from flonnx.quantize.float16 import convert_to_float16  # with its If-branch repairs
+
+    return convert_to_float16(
+        model, [*DEFAULT_OP_BLOCK_LIST, *EXTRA_FP16_BLOCKED], max_finite=1e4, min_positive=1e-7
     )
-    _no_outer_values_returned(converted)
-    return converted
-
-
-def _no_outer_values_returned(model: onnx.ModelProto) -> None:
-    """An `If` branch may not return a value of the outer graph as one of its outputs (onnxruntime:
-    "Subgraph output is an outer scope value being returned directly"); the fp16 converter's casts
-    can make one. Route such outputs through an Identity."""
-    for graph in iter_graphs(model.graph):
-        if graph is model.graph:
-            continue
-        produced = {out for node in graph.node for out in node.output}
-        for output in graph.output:
-            if output.name not in produced:
-                inner = f"{output.name}_branch_output"
-                graph.node.append(onnx.helper.make_node("Identity", [output.name], [inner]))
-                output.name = inner
 
 
 RECIPES: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {

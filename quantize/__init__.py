@@ -1,4 +1,5 @@
-"""flonnx.quantize: int8 / int4 variants of an export folder, measured against fp32.
+"""flonnx.quantize: int8 / int4 variants of an export folder (and fp16 / q4f16 for GPUs and
+WebGPU), measured against fp32.
 
 from flonnx.quantize import quantize
 result = quantize("florence2-onnx", "int8", keep={"vision_encoder": "fp32"})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .recipes import RECIPES, parse_overrides
+from .recipes import DTYPES, RECIPES, parse_overrides
 
 EXIT_REPORT_FAILED = 1
 
@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--keep",
         action="append",
         metavar="COMPONENT=DTYPE",
-        help="put one component at another dtype (fp32, int8, int4), e.g. vision_encoder=fp32; repeatable",
+        help=f"put one component at another dtype ({', '.join(DTYPES)}), e.g. vision_encoder=fp32; "
+        "repeatable",
     )
     parser.add_argument("--variant", help="variant name in flonnx.json (default: the recipe's name)")
     parser.add_argument("--images", nargs="+", metavar="IMAGE", help="calibration images (default: shipped)")

@@ -7,6 +7,8 @@
 - Embedding tables: int8 with one scale per row, Gather -> Cast -> Mul.
 - Conv weights: stored int8 per output channel behind a DequantizeLinear, so the convolution
   still computes in fp32 (int8 ConvInteger is several times slower on CPU).
+- float16: last, onnxruntime's converter with float32 inputs and outputs (float16.py); quantized
+  ops then take float16 scales and activations.
 
 Weights are looked up through the graph tree, quantized once, and stored in the graph that
 held them, so a weight both decoder branches share stays stored once.
@@ -28,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from flonnx.export.onnxfile import iter_graphs
 from flonnx.runtime.errors import FlonnxError
 
+from .float16 import convert_to_float16
 from .recipes import ComponentRecipe
 
 MS_DOMAIN = "com.microsoft"
@@ -405,6 +408,8 @@ def quantize_component(model: onnx.ModelProto, recipe: ComponentRecipe, vocab_si
         result = quantize_matmuls_nbits(result, 4, recipe.block_size, recipe.accuracy_level)
     if recipe.conv_weights_int8:
         result = store_conv_weights_int8(result)
+    if recipe.float16:
+        result = convert_to_float16(result)
     for graph in iter_graphs(result.graph):
         del graph.value_info[:]  # shape inference's leftovers: onnxruntime infers shapes itself
     try:
@@ -456,7 +461,8 @@ def tie_embedding(
     own rows, so embed_tokens' Gather becomes a GatherBlockQuantized over the same bytes (the
     contrib op follows MatMulNBits' conventions for uint8 data). Both graphs then reference one
     external file. The tie is proved, not assumed: the fp32 table must pack to exactly lm_head's
-    codes and scales.
+    codes and scales. Scales a float16 decoder holds as float16 are shared as they are: the lookup
+    then yields float16 rows, cast to float32 for the rest of embed_tokens.
     """
     weights = _weights(decoder)
     lm_head = [
@@ -492,9 +498,12 @@ def tie_embedding(
         return None
     codes = numpy_helper.to_array(codes_weight.tensor)
     scales = numpy_helper.to_array(scales_weight.tensor)
+    if scales.dtype not in (np.float32, np.float16):
+        return None
     table = embed_weights[gather.input[0]].tensor
     packed_codes, packed_scales = pack_nbits(numpy_helper.to_array(table).T, 8, block_size)
-    if not (np.array_equal(packed_codes, codes) and np.array_equal(packed_scales, scales)):
+    same_scales = np.array_equal(packed_scales.astype(scales.dtype), scales)
+    if not (np.array_equal(packed_codes, codes) and same_scales):
         return None  # untied checkpoint: each graph keeps its own table
 
     scales_offset = -(-codes.nbytes // DATA_ALIGNMENT) * DATA_ALIGNMENT
@@ -508,19 +517,24 @@ def tie_embedding(
     _external(codes_table, location, 0, codes.nbytes)
     _external(scales_table, location, scales_offset, scales.nbytes)
     embed_weights[gather.input[0]].graph.initializer.extend([codes_table, scales_table])
-    graph.node[index].CopyFrom(
-        helper.make_node(
-            "GatherBlockQuantized",
-            [codes_name, gather.input[1], scales_name],
-            list(gather.output),
-            name=gather.name or f"{gather.output[0]}/tied",
-            domain=MS_DOMAIN,
-            gather_axis=0,
-            quantize_axis=1,
-            block_size=block_size,
-            bits=8,
-        )
+    rows = gather.output[0] if scales.dtype == np.float32 else f"{gather.output[0]}/float16"
+    name = gather.name or f"{gather.output[0]}/tied"
+    lookup = helper.make_node(
+        "GatherBlockQuantized",
+        [codes_name, gather.input[1], scales_name],
+        [rows],
+        name=name,
+        domain=MS_DOMAIN,
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=block_size,
+        bits=8,
     )
+    widen = helper.make_node("Cast", [rows], [gather.output[0]], name=f"{name}/float32", to=TensorProto.FLOAT)
+    nodes = [lookup] if rows == gather.output[0] else [lookup, widen]
+    kept = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*kept[:index], *nodes, *kept[index + 1 :]])
     _drop_unused(embed, {table.name})
     _ensure_opset(embed, MS_DOMAIN, 1)
     return TiedEmbedding(location, data, vocab_size, columns, block_size)

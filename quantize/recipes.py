@@ -1,7 +1,9 @@
 """Quantization recipes: named, validated presets saying what happens to each component.
 
 A recipe maps each of the four components to a `ComponentRecipe`; `with_overrides` swaps single
-components for the fp32 / int8 / int4 form, so a sensitive component can stay at higher precision.
+components for another dtype's form (fp32, int8, int4, fp16, q4f16), so a sensitive component can
+stay at higher precision. fp16 and q4f16 compute in float16 with float32 inputs and outputs (see
+float16.py): they are for GPUs and WebGPU, and slower than fp32 on x86 CPUs and in WASM.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from dataclasses import asdict, dataclass, field, replace
 from flonnx.runtime.errors import InputError
 from flonnx.runtime.manifest import COMPONENTS
 
-DTYPES = ("fp32", "int8", "int4")
+DTYPES = ("fp32", "int8", "int4", "fp16", "q4f16")
+# Labels of the forms that compute in float16 (transformers.js's names, as the runtime reads them).
+FLOAT16_DTYPES = ("fp16", "q4f16")
 # How 8-bit MatMuls run: "dynamic" quantizes activations per call (DynamicQuantizeMatMul, fast at
 # many rows: encoders); "nbits" is the MatMulNBits kernel (fast at one row: decode steps).
 KERNELS = ("dynamic", "nbits")
@@ -36,6 +40,7 @@ class ComponentRecipe:
     eight_bit_block_size: int = 256
     gather_tables_int8: bool = False  # embedding tables as int8 with a per-row scale
     conv_weights_int8: bool = False  # conv weights stored int8 (per output channel), computed in fp32
+    float16: bool = False  # then float16 compute with float32 inputs and outputs (float16.py)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -61,10 +66,29 @@ class ComponentRecipe:
             raise InputError("an fp32 component recipe cannot quantize anything")
         if self.dtype != "fp32" and not self.changes_graph:
             raise InputError(f"a {self.dtype} component recipe must quantize something")
+        if self.float16 != (self.dtype in FLOAT16_DTYPES):
+            raise InputError(
+                f"float16=True goes with the dtypes {', '.join(FLOAT16_DTYPES)}, not {self.dtype}"
+            )
+        if self.dtype == "fp16" and self.quantizes:
+            raise InputError("an fp16 component recipe converts to float16 and quantizes nothing")
+        if self.dtype == "q4f16" and not self.quantizes:
+            raise InputError("a q4f16 component recipe must quantize something before float16")
+        if self.float16 and self.kernel == "dynamic" and self.matmul_bits == 8:
+            raise InputError("dynamic int8 MatMuls have no float16 kernel; use kernel='nbits'")
+        if self.float16 and self.matmul_bits and self.accuracy_level == 4:
+            # onnxruntime 1.32's CPU MatMulNBits with float16 activations at accuracy level 4 gave
+            # wrong outputs inside the merged decoder (synthetic model: logits cosine 0.44; the
+            # three fc2 MatMuls, K=320, alone; right in isolation): level 0 dequantizes instead.
+            raise InputError("float16 MatMulNBits take accuracy_level 0..3, not 4 (wrong outputs measured)")
+
+    @property
+    def quantizes(self) -> bool:
+        return bool(self.matmul_bits or self.gather_tables_int8 or self.conv_weights_int8)
 
     @property
     def changes_graph(self) -> bool:
-        return bool(self.matmul_bits or self.gather_tables_int8 or self.conv_weights_int8)
+        return self.quantizes or self.float16
 
     def as_dict(self) -> dict:
         values = asdict(self)
@@ -73,7 +97,9 @@ class ComponentRecipe:
 
 
 FP32 = ComponentRecipe()
+FP16 = ComponentRecipe("fp16", float16=True)
 _INT4_MATMULS = ComponentRecipe("int4", matmul_bits=4, kernel="nbits", gather_tables_int8=True)
+_Q4F16_MATMULS = replace(_INT4_MATMULS, dtype="q4f16", float16=True, accuracy_level=0)
 
 # The form each component takes at each dtype; `None`: that component has no such form.
 COMPONENT_PRESETS: dict[str, dict[str, ComponentRecipe | None]] = {
@@ -98,6 +124,18 @@ COMPONENT_PRESETS: dict[str, dict[str, ComponentRecipe | None]] = {
         "encoder_model": _INT4_MATMULS,
         "decoder_model_merged": replace(_INT4_MATMULS, eight_bit_roles=ROLES),
     },
+    "fp16": dict.fromkeys(COMPONENTS, FP16),
+    # int4's forms, then float16: MatMulNBits and GatherBlockQuantized take float16 scales and
+    # activations. Vision's convolutions are float16, not int8-stored: an int8-stored weight would
+    # be dequantized in float32 and cast on every run (DequantizeLinear takes a float16 scale only
+    # from opset 19; the export's is 17).
+    "q4f16": {
+        "vision_encoder": replace(_Q4F16_MATMULS, gather_tables_int8=False),
+        # 8-bit rows: the table lm_head's 8-bit codes share (see Recipe.tie_embedding)
+        "embed_tokens": ComponentRecipe("q4f16", gather_tables_int8=True, float16=True),
+        "encoder_model": _Q4F16_MATMULS,
+        "decoder_model_merged": replace(_Q4F16_MATMULS, eight_bit_roles=ROLES),
+    },
 }
 
 
@@ -118,12 +156,13 @@ class Recipe:
     """A named preset: the file suffix of its variant and one ComponentRecipe per component."""
 
     name: str
-    suffix: str  # transformers.js file suffix: "_quantized" (8-bit), "_q4" (4-bit)
+    suffix: str  # transformers.js file suffix: "_quantized" (8-bit), "_q4" (4-bit), "_fp16", "_q4f16"
     components: Mapping[str, ComponentRecipe]
     description: str = ""
     overrides: Mapping[str, str] = field(default_factory=dict)
     # Florence-2 ties lm_head to the token embedding: store that table once, as lm_head's 8-bit
-    # codes, read by embed_tokens too (applies when both are quantized and lm_head is 8-bit).
+    # codes (with float32 or float16 scales), read by embed_tokens too (applies when both are
+    # quantized and lm_head is 8-bit).
     tie_embedding: bool = True
 
     def __post_init__(self):
@@ -180,6 +219,26 @@ RECIPES: dict[str, Recipe] = {
         },
         "4-bit MatMulNBits in the text encoder and decoder (lm_head and cross-attention K/V at 8 bits); "
         "vision and embeddings as in int8",
+    ),
+    "fp16": Recipe(
+        "fp16",
+        "_fp16",
+        dict(COMPONENT_PRESETS["fp16"]),
+        "float16 graphs with float32 inputs and outputs, for GPUs and WebGPU (slower than fp32 on CPUs)",
+        # lm_head is a float16 MatMul here, not 8-bit codes an embedding can share
+        tie_embedding=False,
+    ),
+    "q4f16": Recipe(
+        "q4f16",
+        "_q4f16",
+        {
+            "vision_encoder": COMPONENT_PRESETS["fp16"]["vision_encoder"],
+            "embed_tokens": COMPONENT_PRESETS["q4f16"]["embed_tokens"],
+            "encoder_model": COMPONENT_PRESETS["q4f16"]["encoder_model"],
+            "decoder_model_merged": COMPONENT_PRESETS["q4f16"]["decoder_model_merged"],
+        },
+        "int4's text encoder and decoder and the tied 8-bit embedding, in float16 with float32 inputs "
+        "and outputs; vision in fp16 (WebGPU has no dynamic int8 MatMul); for GPUs and WebGPU",
     ),
 }
 

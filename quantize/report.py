@@ -5,7 +5,8 @@ up: max and mean abs error and cosine similarity of the outputs. End to end, the
 whole pipeline by itself: greedy decoding (the runtime's) gives the first position where its tokens
 leave fp32's, and teacher forcing along fp32's tokens gives the share of steps at which it picks
 fp32's next token (a divergence early on would otherwise hide every later step). Timings compare
-the vision encoder, the text encoder and one decode step with fp32 in the same process.
+the vision encoder, the text encoder and one decode step with fp32 in the same process, on the CPU:
+float16 variants (fp16, q4f16) are slower there than fp32, and the report says so.
 """
 
 from __future__ import annotations
@@ -30,8 +31,19 @@ from flonnx.runtime.sessions import check_providers, create_session, physical_co
 from flonnx.runtime.vocabulary import load_tokenizer
 
 from .calibration import CALIBRATION_TASKS, CalibrationTask, calibration_images
+from .recipes import FLOAT16_DTYPES
 
 TIMED_STAGES = ("vision_encoder", "encoder_model", "decode_step")
+# The components each timed stage runs.
+STAGE_COMPONENTS = {
+    "vision_encoder": ("vision_encoder",),
+    "encoder_model": ("encoder_model",),
+    "decode_step": ("embed_tokens", "decoder_model_merged"),
+}
+FLOAT16_ON_CPU = (
+    "on x86 CPUs and in WASM most kernels have no float16 form and onnxruntime casts around them: "
+    "float16 variants are for GPUs and WebGPU"
+)
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,10 @@ class Report:
     @property
     def fp32_size(self) -> int:
         return sum(c.fp32_size for c in self.components)
+
+    @property
+    def float16_components(self) -> list[str]:
+        return [c.component for c in self.components if c.dtype in FLOAT16_DTYPES]
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -496,12 +512,17 @@ def flags_for(report: Report, options: ReportOptions) -> list[Flag]:
                     f"is under {options.min_cosine}",
                 )
             )
+    half = set(report.float16_components)
     for timing in report.timings:
         if timing.variant_ms > timing.fp32_ms:
+            why = (
+                f" (float16: {FLOAT16_ON_CPU})" if half & set(STAGE_COMPONENTS.get(timing.stage, ())) else ""
+            )
             flags.append(
                 Flag(
                     "speed",
-                    f"{timing.stage}: {timing.variant_ms:.1f} ms, slower than fp32's {timing.fp32_ms:.1f} ms",
+                    f"{timing.stage}: {timing.variant_ms:.1f} ms, slower than fp32's "
+                    f"{timing.fp32_ms:.1f} ms{why}",
                 )
             )
     return flags
@@ -542,6 +563,9 @@ def format_table(report: Report) -> str:
             f"{timing.stage:<22}{timing.fp32_ms:>10.1f}{timing.variant_ms:>12.1f}{timing.speedup:>8.2f}x"
         )
     lines.append("")
+    if report.float16_components:
+        half = ", ".join(report.float16_components)
+        lines += [f"note: {half} in float16; {FLOAT16_ON_CPU}", ""]
     if report.flags:
         lines += [f"FLAG ({flag.kind}): {flag.message}" for flag in report.flags]
     lines.append("report: " + ("passed" if report.passed else "FAILED"))

@@ -80,6 +80,8 @@ def describe(recipe: ComponentRecipe) -> str:
         parts.append("int8 embedding tables")
     if recipe.conv_weights_int8:
         parts.append("int8-stored conv weights")
+    if recipe.float16:
+        parts.append(("then " if parts else "") + "float16 with float32 inputs and outputs")
     return ", ".join(parts) or "fp32"
 
 
@@ -106,14 +108,13 @@ def _write_staged(staging: Path, name: str, data: bytes) -> Path:
 
 
 def _stage_existing(staging: Path, path: Path) -> None:
-    """Make an unchanged data file visible in the staging folder, for the load check."""
+    """Make an unchanged data file visible in the staging folder, for the load check: a copy, as
+    onnxruntime (1.32) refuses external data with more than one hard link ("potential hardlink
+    attack")."""
     target = staging / path.name
     if not target.exists():
         staging.mkdir(exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copyfile(path, target)
+        shutil.copyfile(path, target)
 
 
 def _quantize_one(component: str, source, component_recipe: ComponentRecipe, vocab_size: int):

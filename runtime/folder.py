@@ -106,6 +106,12 @@ def _check_dtype(dtype: object, where: str) -> str:
     return dtype
 
 
+def default_variant(manifest: dict | None) -> str:
+    """fp32, or the only variant a manifest lists (a pack lists one, named as in its source)."""
+    listed = list((manifest or {}).get("variants", {}))
+    return listed[0] if len(listed) == 1 else "fp32"
+
+
 def parse_dtype(text: str) -> str | dict[str, str]:
     """`q4` or `vision_encoder=fp16,decoder_model_merged=q4` (the CLI's --dtype) to a variant."""
     if "=" not in text:
@@ -158,9 +164,10 @@ def select(folder: Path, manifest: dict | None, variant: str | Mapping[str, str]
         absent = [f for f in files.values() if not inside(folder, f, "graph").is_file()]
         if absent:
             present = sorted(p.name for p in (folder / "onnx").glob("*.onnx"))
+            named = f"; variants in {MANIFEST}: {', '.join(listed_variants)}" if listed_variants else ""
             raise InputError(
                 f"{folder} has no {', '.join(absent)} for variant {label!r}; "
-                f"graphs present: {', '.join(present) or 'none'}"
+                f"graphs present: {', '.join(present) or 'none'}{named}"
             )
     for name in [*files.values(), *data]:
         inside(folder, name, f"{MANIFEST} entry")

@@ -25,6 +25,7 @@ from .folder import (
     Selection,
     check_decoder,
     check_links,
+    default_variant,
     generation_settings,
     inside,
     model_shape,
@@ -95,6 +96,9 @@ class Florence2:
         self.threads = threads
         self.shape = shape
         self._sessions = sessions
+        # A vision encoder with a fixed batch (flonnx pack --static) takes that many images per run.
+        batch = sessions["vision_encoder"].get_inputs()[0].shape[0]
+        self._vision_batch = batch if isinstance(batch, int) and batch > 0 else None
         self.num_image_tokens = shape.num_image_tokens
         self.max_positions = shape.max_positions
         self.layout = CacheLayout(shape.layers, shape.heads, shape.head_dim)
@@ -114,13 +118,14 @@ class Florence2:
     def load(
         cls,
         folder: str | Path,
-        variant: str | Mapping[str, str] = "fp32",
+        variant: str | Mapping[str, str] | None = None,
         threads: int | None = None,
         providers: Sequence[str] | None = None,
         verify: str = "cached",
     ) -> Florence2:
         """Open a model folder: a flonnx export, or a folder of ONNX graphs in the onnx-community
-        layout without flonnx.json. `variant`: a variant the manifest lists, a transformers.js dtype
+        layout without flonnx.json. `variant` (default: fp32, or the only variant the manifest lists,
+        as in a pack): a variant the manifest lists, a transformers.js dtype
         ("q4", "fp16", ...), or a dtype per component ({"decoder_model_merged": "q4"}). With a
         manifest, every file it records is checked against its sha256 once per file identity
         (`verify="cached"`, remembered across processes); `verify="sha256"` hashes every file on
@@ -135,7 +140,7 @@ class Florence2:
         manifest = read_manifest(folder) if (folder / MANIFEST).exists() else None
         if manifest is None:
             require_graphs(folder)
-        selection = select(folder, manifest, variant)
+        selection = select(folder, manifest, default_variant(manifest) if variant is None else variant)
         check_links(folder)
         for name in REQUIRED_FILES:
             if not inside(folder, name).is_file():
@@ -187,7 +192,12 @@ class Florence2:
         loaded = [load_image(image) for image in images]
         batch = self.preprocessor(loaded)
         preprocessed = time.perf_counter()
-        features = self._sessions["vision_encoder"].run(None, {"pixel_values": batch.pixel_values})[0]
+        pixels = batch.pixel_values
+        step = self._vision_batch or len(pixels)
+        vision = self._sessions["vision_encoder"]
+        features = np.concatenate(
+            [vision.run(None, {"pixel_values": pixels[i : i + step]})[0] for i in range(0, len(pixels), step)]
+        )
         if timings is not None:
             timings["preprocess"] = timings.get("preprocess", 0.0) + preprocessed - started
             timings["vision"] = timings.get("vision", 0.0) + time.perf_counter() - preprocessed
@@ -249,7 +259,9 @@ class Florence2:
         timings: dict | None = None,
         **generation,
     ) -> list[Result]:
-        """Run several requests in one batch; each result equals running its request alone.
+        """Run several requests in one batch; each result equals running its request alone with fp32
+        graphs (dynamic int8 quantizes activations with one scale per batch, so int8 answers can
+        differ slightly between a batch and single requests).
 
         `generation` overrides generation_config.json (num_beams, do_sample, length_penalty, ... as
         in `transformers` generate). `scores=True` adds a "scores" list, one per box, to answers

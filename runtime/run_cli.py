@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", help="input text for the tasks that take text (phrase grounding, ...)")
     parser.add_argument("--region", type=_box, help="x1,y1,x2,y2 pixel box for the REGION_TO_* tasks")
     choice = parser.add_mutually_exclusive_group()
-    choice.add_argument("--variant", help="a variant listed in flonnx.json, e.g. int8 (default fp32)")
+    choice.add_argument(
+        "--variant", help="a variant listed in flonnx.json, e.g. int8 (default fp32, or the only one listed)"
+    )
     choice.add_argument(
         "--dtype",
         type=_dtype,
@@ -90,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     from .preprocess import load_image
 
     started = time.perf_counter()
-    variant = args.dtype or args.variant or "fp32"
+    variant = args.dtype or args.variant  # None: fp32, or the folder's only variant
     model = Florence2.load(args.folder, variant=variant, threads=args.threads)
     loaded = time.perf_counter() - started
     _check_inputs(args, model.tasks)

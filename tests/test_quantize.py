@@ -34,6 +34,7 @@ REGION = "<loc_100><loc_150><loc_700><loc_900>"
 # logits have many near-ties, so its agreement is lower than a trained model's.
 FAST = ReportOptions(max_new_tokens=8, repeats=1, decode_repeats=2, min_agreement=0.5, min_cosine=0.95)
 QUIET = Progress(quiet=True)
+INTEGER_RECIPES = ("int8", "int4")
 
 
 def _image():
@@ -69,9 +70,9 @@ def _assert_consistent(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def quantized(tiny_export_dir, tmp_path_factory) -> Path:
-    """A copy of the tiny export with both recipes' variants."""
+    """A copy of the tiny export with the int8 and int4 variants (fp16, q4f16: test_quantize_fp16.py)."""
     folder = _copy(tiny_export_dir, tmp_path_factory.mktemp("quantized"))
-    for recipe in RECIPES:
+    for recipe in INTEGER_RECIPES:
         _run(folder, recipe)
     return folder
 
@@ -80,7 +81,7 @@ def quantized(tiny_export_dir, tmp_path_factory) -> Path:
 
 
 def test_recipes_are_validated_presets():
-    assert set(RECIPES) == {"int8", "int4"}
+    assert set(RECIPES) == {"int8", "int4", "fp16", "q4f16"}
     assert get_recipe("int8").suffix == "_quantized" and get_recipe("int4").suffix == "_q4"
     decoder = get_recipe("int4").component("decoder_model_merged")
     assert decoder.matmul_bits == 4 and set(decoder.eight_bit_roles) == {"lm_head", "cross_attention_kv"}
@@ -115,7 +116,7 @@ def test_overrides_are_parsed_and_checked():
     }
     for bad, fragment in [
         ("vision=fp32", "vision_encoder, embed_tokens"),
-        ("vision_encoder=fp16", "fp32, int8, int4"),
+        ("vision_encoder=fp8", "fp32, int8, int4, fp16, q4f16"),
         ("embed_tokens=int4", "expected one of: fp32, int8"),
         ("vision_encoder", "COMPONENT=DTYPE"),
     ]:
@@ -187,7 +188,7 @@ def test_merged_decoder_weights_are_quantized_once_in_the_outer_graph(tiny_expor
     """The branches' shared weights live in the outer graph: each is replaced by one quantized copy."""
     decoder = onnx.load(str(tiny_export_dir / "onnx" / "decoder_model_merged.onnx"))
     vocab = read_manifest(tiny_export_dir)["model"]["vocab_size"]
-    for name in RECIPES:
+    for name in INTEGER_RECIPES:
         quantized = quantize_component(decoder, get_recipe(name).component("decoder_model_merged"), vocab)
         assert float_bytes(quantized) < float_bytes(decoder) / 20
         names = [t.name for g in iter_graphs(quantized.graph) for t in g.initializer]
