@@ -10,8 +10,6 @@ import json
 import os
 import re
 import shutil
-import sys
-import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,9 +23,10 @@ from flonnx.runtime.manifest import (
     MANIFEST,
     file_record,
     sha256_file,
-    stale_work,
     write_json_atomic,
 )
+from flonnx.runtime.staging import Progress, move_into_place, prepare, recover
+from flonnx.runtime.staging import check_out as check_writable
 
 from .graphs import Decoder, DecoderShape, EmbedTokens, TextEncoder, VisionEncoder, past_names
 from .onnxfile import save_onnx
@@ -38,20 +37,6 @@ OPSET = 17
 OPTIONAL_FILES = ("processor_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 DEFAULT_IMAGE_SIZE = 768
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-
-
-class Progress:
-    """One line per stage with the seconds elapsed since the export started."""
-
-    def __init__(self, stream=None, quiet: bool = False):
-        self.start = time.perf_counter()
-        self.stream = stream  # None: whatever sys.stderr is when a line is written
-        self.quiet = quiet
-
-    def __call__(self, message: str) -> None:
-        if not self.quiet:
-            stream = self.stream if self.stream is not None else sys.stderr
-            print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=stream, flush=True)
 
 
 @dataclass(frozen=True)
@@ -385,51 +370,7 @@ def build_manifest(
 
 def check_out(out: Path, force: bool) -> None:
     """Refuse an OUT that cannot be written before any weights are loaded."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"OUT {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"OUT {out} exists and is not empty; pass --force to replace it")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ExportError(f"cannot write OUT {out}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ExportError(f"cannot write OUT {out}: {parent} is not writable")
-            break
-
-
-def recover(out: Path) -> None:
-    """Clear what a killed export left beside OUT: its partial folder, and the previous export it
-    had moved aside just before renaming the new one into place (restored when OUT is missing)."""
-    if not out.parent.is_dir():
-        return
-    for partial in stale_work(out.parent, f".{out.name}.partial-*"):
-        shutil.rmtree(partial, ignore_errors=True)
-    for old in stale_work(out.parent, f".{out.name}.old-*"):
-        if not out.exists():
-            os.replace(old, out)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _prepare_out(out: Path, force: bool) -> Path:
-    check_out(out, force)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        (staging / "onnx").mkdir(parents=True)
-    except OSError as error:
-        raise ExportError(f"cannot write to {out.parent}: {error.strerror or error}") from None
-    return staging
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+    check_writable(out, force, "OUT", ExportError)
 
 
 def export(
@@ -453,7 +394,9 @@ def export(
     if conversion:
         progress(conversion_summary(conversion))
     image_size = check_image_size(image_size, model.config)
-    staging = _prepare_out(out, force)
+    check_out(out, force)
+    staging = prepare(out, ExportError)
+    (staging / "onnx").mkdir()
     try:
         torch.manual_seed(0)
         specs = graph_specs(model, image_size)
@@ -495,7 +438,7 @@ def export(
         progress(f"validation passed: max abs diff {worst}; token parity {parity}")
         manifest = build_manifest(str(src), model, staging, image_size, report, io_names, conversion)
         write_json_atomic(staging / MANIFEST, manifest)
-        _move_into_place(staging, out)
+        move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
