@@ -375,15 +375,7 @@ def original_config(config: Florence2Config | dict, layout: str = "compact", bad
         "scale_embedding": text["scale_embedding"],
         "add_final_layer_norm": False,
         "normalize_before": False,
-        "bos_token_id": 0,
-        "pad_token_id": 1,
-        "eos_token_id": 2,
-        "decoder_start_token_id": 2,
-        "forced_bos_token_id": 0,
-        "forced_eos_token_id": 2,
-        "early_stopping": True,
-        "no_repeat_ngram_size": 3,
-        "num_beams": 3,
+        **GENERATION_DEFAULTS,  # the original text_config's generation settings and ids
         "is_encoder_decoder": True,
     }
     vision_settings = {
