@@ -289,19 +289,15 @@ def write_configs(model, processor, folder: Path, image_size: int) -> None:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     import onnx
     import onnxruntime
     import torch
     import transformers
 
-    try:
-        flonnx_version = version("flonnx")
-    except PackageNotFoundError:
-        flonnx_version = "unknown"
+    from flonnx.runtime.info import version
+
     return {
-        "flonnx": flonnx_version,
+        "flonnx": version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "onnx": onnx.__version__,

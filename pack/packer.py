@@ -73,16 +73,12 @@ def default_out(folder: Path, target: str, variant: str, static: bool) -> Path:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     import onnx
     import onnxruntime
 
-    try:
-        flonnx_version = version("flonnx")
-    except PackageNotFoundError:
-        flonnx_version = "unknown"
-    return {"flonnx": flonnx_version, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    from flonnx.runtime.info import version
+
+    return {"flonnx": version(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def pack(

@@ -137,16 +137,12 @@ def _check_loads(path: Path, what: str) -> None:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     import onnx
     import onnxruntime
 
-    try:
-        flonnx_version = version("flonnx")
-    except PackageNotFoundError:
-        flonnx_version = "unknown"
-    return {"flonnx": flonnx_version, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    from flonnx.runtime.info import version
+
+    return {"flonnx": version(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def _variant_files(manifest: dict, variant: str) -> set[str]:

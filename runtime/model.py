@@ -88,6 +88,7 @@ class Florence2:
         threads: int,
         shape: ModelShape,
         generation_config: dict,
+        preprocessor: dict,
     ):
         self.folder = folder
         self.manifest = manifest  # None for a folder without flonnx.json (e.g. onnx-community's)
@@ -102,7 +103,6 @@ class Florence2:
         self.num_image_tokens = shape.num_image_tokens
         self.max_positions = shape.max_positions
         self.layout = CacheLayout(shape.layers, shape.heads, shape.head_dim)
-        preprocessor = read_json(folder, "preprocessor_config.json")
         self.preprocessor = ImagePreprocessor.from_config(preprocessor)
         self.tasks = TaskTable.from_config(preprocessor)
         # onnx-community folders carry no parsing rules: the original processor's built-in ones apply.
@@ -159,7 +159,8 @@ class Florence2:
                 stacklevel=2,
             )
         config = read_json(folder, "config.json")
-        shape = model_shape(manifest, config, read_json(folder, "preprocessor_config.json"))
+        preprocessor = read_json(folder, "preprocessor_config.json")
+        shape = model_shape(manifest, config, preprocessor)
         generation, corrected = generation_settings(folder, manifest, config)
         if corrected:
             warnings.warn(
@@ -183,7 +184,7 @@ class Florence2:
             for name in order
         }
         check_decoder(sessions["decoder_model_merged"], shape, files["decoder_model_merged"])
-        return cls(folder, manifest, selection, sessions, threads, shape, generation)
+        return cls(folder, manifest, selection, sessions, threads, shape, generation, preprocessor)
 
     # -- stages -------------------------------------------------------------------------------
 
