@@ -4,14 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARTIFACTS := artifacts
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup test test-all demo bench lint format clean
 
 setup: $(STAMP)
 
 # torch first, from the local CPU wheel: otherwise pip resolves a multi-GB CUDA build.
-# transformers.js (pinned in js/package-lock.json) for tests/test_transformers_js.py: scripts are
-# ignored, since onnxruntime-node's would download CUDA binaries (its CPU binary is in the package).
+# transformers.js and puppeteer-core (pinned in js/package-lock.json) for the transformers.js and web
+# pack tests: scripts are ignored, since onnxruntime-node's would download CUDA binaries (its CPU
+# binary is in the package). Debian's chromium is the browser puppeteer-core drives (it downloads none).
 $(STAMP): pyproject.toml js/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -19,6 +21,8 @@ $(STAMP): pyproject.toml js/package-lock.json
 	$(BIN)/pip install --quiet -e '.[export,quantize,dev]'
 	if command -v npm >/dev/null; then cd js && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: transformers.js not installed in js/"; fi
+	command -v chromium >/dev/null || $(SUDO) sh -c 'apt-get update -q && apt-get install -y -q chromium' \
+	  || echo "chromium not installed: the browser test (tests/test_pack_web.py) will fail"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -136,3 +136,96 @@ def check_line(check: dict) -> str:
         f"; load {check['load_seconds']['pack']:.2f} s (source {check['load_seconds']['source']:.2f} s)"
     )
     return line
+
+
+def same_answers(
+    source: Path,
+    variant: str,
+    pack: Path,
+    pack_variant: str,
+    threads: int | None = None,
+    *,
+    tasks=CHECK_TASKS,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> dict:
+    """A pack whose graphs are the source's, stored otherwise (the web target), against the source:
+    the same image features and the same answers, end to end, on this machine."""
+    from flonnx.runtime.model import Request
+    from flonnx.runtime.synthetic import make_scene
+
+    image = make_scene(*SCENE).image
+    original, source_load = _load(source, variant, threads)
+    packed, pack_load = _load(pack, pack_variant, threads)
+    ours, theirs = original.encode_image(image), packed.encode_image(image)
+    requests = [(task, text) for task, text in tasks]
+    expected = original.run_batch(
+        [Request(ours, *r) for r in requests], max_new_tokens=max_new_tokens, num_beams=1
+    )
+    found = packed.run_batch(
+        [Request(theirs, *r) for r in requests], max_new_tokens=max_new_tokens, num_beams=1
+    )
+    differ = [a.task for a, b in zip(expected, found) if a.tokens != b.tokens or a.answer != b.answer]
+    graphs = [
+        folder / model.manifest["variants"][name]["embed_tokens"]["file"]
+        for folder, model, name in ((source, original, variant), (pack, packed, pack_variant))
+    ]
+    return {
+        "scene": list(SCENE),
+        "tasks": [task for task, _ in tasks],
+        "decoding": f"greedy, at most {max_new_tokens} new tokens",
+        "equal": len(expected) - len(differ),
+        "total": len(expected),
+        "differ": differ,
+        "vision_max_abs_diff": float(np.abs(ours.features - theirs.features).max()),
+        "embed_max_abs_diff": _embedding_difference(*graphs, threads),
+        "load_seconds": {"source": round(source_load, 3), "pack": round(pack_load, 3)},
+    }
+
+
+def _embedding_difference(source: Path, pack: Path, threads: int | None, chunk: int = 8192) -> float:
+    """Max abs diff of two embed_tokens graphs over every id of the vocabulary."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 1
+    options.log_severity_level = 3
+    sessions = [
+        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in (source, pack)
+    ]
+    rows = sessions[0].get_inputs()[0]
+    vocabulary = _vocabulary_rows(source)
+    worst = 0.0
+    for start in range(0, vocabulary, chunk):
+        ids = np.arange(start, min(start + chunk, vocabulary), dtype=np.int64)[None, :]
+        a, b = (session.run(None, {rows.name: ids})[0] for session in sessions)
+        worst = max(worst, float(np.abs(a - b).max()))
+    return worst
+
+
+def _vocabulary_rows(graph: Path) -> int:
+    """The rows of the embedding table the graph reads (its largest initializer's first dimension)."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    return max(
+        (list(t.dims) for t in model.graph.initializer if len(t.dims) == 2), key=lambda d: d[0] * d[1]
+    )[0]
+
+
+def same_answers_passed(check: dict) -> bool:
+    return (
+        check["equal"] == check["total"]
+        and check["vision_max_abs_diff"] == 0.0
+        and check.get("embed_max_abs_diff", 0.0) == 0.0
+    )
+
+
+def same_answers_line(check: dict) -> str:
+    line = f"answers equal to the source variant's: {check['equal']}/{check['total']}"
+    if check["differ"]:
+        line += f" (differ: {', '.join(check['differ'])})"
+    return (
+        f"{line}; max abs diff: vision features {check['vision_max_abs_diff']:.2g}, embeddings of the "
+        f"whole vocabulary {check['embed_max_abs_diff']:.2g}"
+        f"; load {check['load_seconds']['pack']:.2f} s (source {check['load_seconds']['source']:.2f} s)"
+    )

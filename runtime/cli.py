@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "add int8 / int4 / fp16 / q4f16 variants to an export folder, with a report",
     ),
     "info": ("flonnx.runtime.info", "runtime", "what this machine offers, or what a model folder holds"),
-    "pack": ("flonnx.pack.cli", "pack", "pack a variant for a device: ORT format for ONNX Runtime Mobile"),
+    "pack": ("flonnx.pack.cli", "pack", "pack a variant for a device: a browser page or ONNX Runtime Mobile"),
 }
 
 # Imports a stage needs, mapped to the extra that installs them.

@@ -56,6 +56,32 @@ def tiny_export_dir(tiny_loc_model_dir: Path, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture(scope="session")
+def synthetic_variants_160(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped synthetic model exported at 160 px, with flonnx's int8 and int4 variants beside
+    fp32: the folder transformers.js (Node) and the web pack (a browser) are checked on."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnx")
+    from flonnx.export.exporter import Progress, export
+    from flonnx.quantize import ReportOptions, quantize
+    from flonnx.quantize.calibration import CALIBRATION_TASKS
+    from flonnx.quantize.stage import Progress as QuantizeProgress
+
+    shipped = Path(__file__).resolve().parents[1] / "export" / "data" / "synthetic-florence2"
+    out = tmp_path_factory.mktemp("synthetic_160") / "export"
+    export(str(shipped), out, image_size=160, progress=Progress(quiet=True))
+    configs = {path.name: path.read_bytes() for path in out.glob("*.json") if path.name != "flonnx.json"}
+    quick = ReportOptions(
+        max_new_tokens=8, repeats=1, decode_repeats=1, threads=1, tasks=CALIBRATION_TASKS[:1]
+    )
+    for recipe in ("int8", "int4"):
+        quantize(out, recipe, options=quick, progress=QuantizeProgress(quiet=True))
+    # Quantizing adds graphs and manifest entries: the configs transformers.js reads stay as exported.
+    assert {name: (out / name).read_bytes() for name in configs} == configs
+    return out
+
+
+@pytest.fixture(scope="session")
 def reference_folder(tiny_model_dir: Path) -> Path:
     """The folder `reference` and `tokenizer` come from (the plain tiny checkpoint)."""
     return tiny_model_dir

@@ -280,7 +280,10 @@ def test_pack_command_prints_a_summary(export, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--target", "web"], "unknown target 'web'; expected one of: mobile"),
+        (["--target", "desktop"], "unknown target 'desktop'; expected one of: mobile, web"),
+        ([], "--target is required: one of mobile, web (or --serve a web pack)"),
+        (["--target", "mobile", "--serve"], "--serve serves a web pack; --target is 'mobile'"),
+        (["--serve"], "is not a web pack (no index.html, app.js): make one with"),
         (
             ["--target", "mobile", "--variant", "int4"],
             "unknown variant 'int4' for {export}; available: fp32, int8",

@@ -135,6 +135,7 @@ def test_wheel_and_sdist_carry_what_users_need_and_nothing_else(dist):
     assert "flonnx/runtime/model.py" in names and "flonnx/export/exporter.py" in names
     assert "flonnx/export/data/synthetic-florence2/model.safetensors" in names
     assert "flonnx/export/data/florence2_tokenizer.json.gz" in names
+    assert {"flonnx/pack/page/index.html", "flonnx/pack/page/app.js"} <= set(names)  # the web pack's page
     assert not [
         n for n in names if n.startswith(("tests/", "tools/", "artifacts/", ".venv")) or "/tests/" in n
     ]
@@ -142,7 +143,7 @@ def test_wheel_and_sdist_carry_what_users_need_and_nothing_else(dist):
     with tarfile.open(next(dist.glob(f"flonnx-{VERSION}.tar.gz"))) as sdist:
         members = sdist.getnames()
     assert f"flonnx-{VERSION}/pyproject.toml" in members and f"flonnx-{VERSION}/README.md" in members
-    assert not [m for m in members if "/artifacts/" in m or "/.venv/" in m]
+    assert not [m for m in members if "/artifacts/" in m or "/.venv/" in m or "/node_modules/" in m]
 
 
 @pytest.fixture(scope="module")

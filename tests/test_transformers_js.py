@@ -7,10 +7,7 @@ and on its int8 (transformers.js `q8`) and int4 (`q4`) variants answers as flonn
   sharp's affine transform (bicubic, not antialiased) where transformers and flonnx use PIL's
   bicubic resize (antialiased when downscaling), and a few answers change (OCR most). Images at
   the model's input size pass both unchanged.
-- transformers.js returns bin-centre float coordinates ((bin + 0.5) * size / 1000) where
-  transformers and flonnx truncate them to ints: coordinates are compared through their bins.
-- transformers.js has no polygon parsing: `post_process_generation` throws on "polygons" tasks,
-  whose generated tokens are compared instead.
+- Coordinates and polygons are compared as tests/jsanswers.py says.
 """
 
 from __future__ import annotations
@@ -22,14 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jsanswers import difference
 from PIL import Image
 
 from flonnx.runtime import synthetic
-from flonnx.runtime.postprocess import dequantize
-from flonnx.runtime.prompts import NUM_BINS
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "export" / "data" / "synthetic-florence2"
 JS = ROOT / "js"
 NODE = shutil.which("node")
 IMAGE_SIZE = 160
@@ -47,38 +42,19 @@ TASKS = (
     "<REGION_TO_CATEGORY>",
     "<REFERRING_EXPRESSION_SEGMENTATION>",  # polygons: transformers.js cannot parse them
 )
-POLYGON_TASKS = {"<REFERRING_EXPRESSION_SEGMENTATION>"}
 REGION_TASKS = {"<REGION_TO_CATEGORY>"}
 # Answers equal on resized images, at least (measured: 32 of these 36 in each variant).
 RESIZED_AGREEMENT = 0.8
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def folder(synthetic_variants_160: Path) -> Path:
     """The shipped model exported at 160 px, with flonnx's int8 and int4 variants beside fp32."""
     if NODE is None:
         pytest.skip("node is not installed: transformers.js cannot run")
     if not (JS / "node_modules" / "@huggingface" / "transformers").is_dir():
         pytest.fail(f"transformers.js is not installed in {JS / 'node_modules'}: run `make setup`")
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    pytest.importorskip("onnx")
-    from flonnx.export.exporter import Progress, export
-    from flonnx.quantize import ReportOptions, quantize
-    from flonnx.quantize.calibration import CALIBRATION_TASKS
-    from flonnx.quantize.stage import Progress as QuantizeProgress
-
-    out = tmp_path_factory.mktemp("transformers_js") / "export"
-    export(str(SHIPPED), out, image_size=IMAGE_SIZE, progress=Progress(quiet=True))
-    configs = {path.name: path.read_bytes() for path in out.glob("*.json") if path.name != "flonnx.json"}
-    quick = ReportOptions(
-        max_new_tokens=8, repeats=1, decode_repeats=1, threads=1, tasks=CALIBRATION_TASKS[:1]
-    )
-    for recipe in ("int8", "int4"):
-        quantize(out, recipe, options=quick, progress=QuantizeProgress(quiet=True))
-    # Quantizing adds graphs and manifest entries: the configs transformers.js reads stay as exported.
-    assert {name: (out / name).read_bytes() for name in configs} == configs
-    return out
+    return synthetic_variants_160
 
 
 @pytest.fixture(scope="module")
@@ -146,43 +122,6 @@ def _run(model, request):
     return model.run_batch([request], max_new_tokens=MAX_NEW_TOKENS, num_beams=1)[0]
 
 
-def _bins(values: list[float], size: tuple[int, int]) -> list[int]:
-    """The location bins of transformers.js's bin-centre coordinates (x, y, x, y, ...)."""
-    bins = []
-    for i, value in enumerate(values):
-        extent = size[i % 2]
-        found = round(value * NUM_BINS / extent - 0.5)
-        assert value == pytest.approx((found + 0.5) * extent / NUM_BINS, abs=1e-9), (value, extent)
-        bins.append(found)
-    return bins
-
-
-def _same_answer(theirs, ours, size: tuple[int, int]) -> bool:
-    if isinstance(ours, str) or isinstance(theirs, str):
-        return theirs == ours
-    if set(theirs) != set(ours) or theirs["labels"] != ours["labels"]:
-        return False
-    key = "quad_boxes" if "quad_boxes" in ours else "bboxes"
-    if len(theirs[key]) != len(ours[key]):
-        return False
-    return all(dequantize(_bins(t, size), size) == o for t, o in zip(theirs[key], ours[key]))
-
-
-def _difference(request: dict, their: dict, our) -> str | None:
-    """None where transformers.js answered as flonnx; else what differs."""
-    where = f"{request['image'].name} {request['task']} {request['text']!r}"
-    if their["ids"] != our.tokens or their["text"] != our.text:
-        return f"{where}: transformers.js generated {their['text']!r}, flonnx {our.text!r}"
-    if request["task"] in POLYGON_TASKS:
-        assert "not yet implemented" in their["error"], their  # its documented limit
-        return None
-    if "error" in their:
-        return f"{where}: transformers.js failed: {their['error']}"
-    if not _same_answer(their["answer"], our.answer, request["size"]):
-        return f"{where}: transformers.js answered {their['answer']!r}, flonnx {our.answer!r}"
-    return None
-
-
 def test_export_names_the_processor_class(folder: Path):
     preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
     assert preprocessor["processor_class"] == "Florence2Processor"
@@ -214,7 +153,7 @@ def test_same_pixels_same_answers(folder: Path, requests: list, theirs: dict, pi
         pixel_values = np.fromfile(pixels / f"{request['image'].name}.f32", np.float32)
         pixel_values = pixel_values.reshape(1, 3, IMAGE_SIZE, IMAGE_SIZE)
         features = ImageFeatures(vision.run(None, {"pixel_values": pixel_values})[0][0], request["size"])
-        different.append(_difference(request, their, _run(model, _request(request, features))))
+        different.append(difference(request, their, _run(model, _request(request, features))))
     different = [d for d in different if d]
     assert not different, f"{len(different)}/{len(requests)} answers differ:\n" + "\n".join(different)
 
@@ -228,7 +167,7 @@ def test_answers_like_flonnx(folder: Path, requests: list[dict], theirs: dict, v
     found = {True: [], False: []}
     for request, their in zip(requests, theirs[variant], strict=True):
         our = _run(model, _request(request, request["image"]))
-        found[request["same_pixels"]].append(_difference(request, their, our))
+        found[request["same_pixels"]].append(difference(request, their, our))
     different = [d for d in found[True] if d]
     assert not different, "answers differ on images of the input size:\n" + "\n".join(different)
     resized = found[False]
