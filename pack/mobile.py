@@ -23,9 +23,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from flonnx.runtime.manifest import COMPONENTS, component_data_files, variant_files
+from flonnx.runtime.manifest import COMPONENTS
 
-from .folder import PackError
+from .folder import PackError, read_variant
 from .usability import analyze, summary_line
 
 ORT_LIMIT = 2**31 - 1  # one flatbuffer, no external data
@@ -166,33 +166,16 @@ def operator_summary(text: str) -> dict:
 
 def build(source: Path, manifest: dict, variant: str, staging: Path, static: bool, progress) -> MobileBuild:
     """Write ort/*.ort, the operator config and the usability report of `variant` into `staging`."""
-    files = variant_files(manifest, variant)
-    not_onnx = [name for name in files.values() if not name.endswith(".onnx")]
-    if not_onnx:
-        raise PackError(
-            f"variant {variant!r} is not ONNX graphs ({', '.join(not_onnx)}): pack an export folder"
-        )
+    found = read_variant(source, manifest, variant, progress, "the ORT format stores it in each")
+    files, reads = found.files, found.reads
     listed = manifest["variants"][variant]
     model = manifest.get("model", {})
-    data = {c: component_data_files(manifest, variant, c) for c in COMPONENTS}
-    reads = {c: _size(source / files[c]) + sum(_size(source / d) for d in data[c]) for c in COMPONENTS}
     for component, size in reads.items():
         if size > ORT_LIMIT:
             raise PackError(
                 f"{component} of variant {variant!r} holds {size / 2**30:.2f} GiB; an ORT-format file "
                 f"keeps every weight inside itself and holds at most 2 GiB: pack a smaller variant"
             )
-    readers: dict[str, list[str]] = {}
-    for component in COMPONENTS:
-        for name in data[component]:
-            readers.setdefault(name, []).append(component)
-    shared = {
-        name: {"bytes": _size(source / name), "read_by": who} for name, who in readers.items() if len(who) > 1
-    }
-    duplicated = sum(item["bytes"] * (len(item["read_by"]) - 1) for item in shared.values())
-    if shared:
-        names = ", ".join(f"{name} ({item['bytes'] / 1e6:.1f} MB)" for name, item in shared.items())
-        progress(f"shared by two graphs: {names}; the ORT format stores it in each")
 
     work = staging / ".work"
     inputs = {c: source / files[c] for c in COMPONENTS}
@@ -227,17 +210,16 @@ def build(source: Path, manifest: dict, variant: str, staging: Path, static: boo
     (staging / USABILITY[1]).write_text("\n".join(texts))
 
     pack_sizes = {c: _size(ort_files[c]) for c in COMPONENTS}
-    source_files = sorted({*files.values(), *(d for names in data.values() for d in names)})
     details = {
         "format": CONVERSION,
         "static": fixed or None,
         "sizes": {
-            "source_variant": sum(_size(source / name) for name in source_files),
+            "source_variant": found.source_bytes,
             "pack_graphs": sum(pack_sizes.values()),
             "per_component": {c: {"source_reads": reads[c], "ort": pack_sizes[c]} for c in COMPONENTS},
         },
-        "shared_tables": shared,
-        "duplicated_bytes": duplicated,
+        "shared_tables": found.shared,
+        "duplicated_bytes": found.duplicated,
         "operators": {"config": CONFIG, **operators},
         "usability": {"json": USABILITY[0], "text": USABILITY[1]},
     }

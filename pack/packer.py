@@ -187,13 +187,8 @@ class _Job:
 
 
 def _build_mobile(job: _Job, static: bool) -> dict:
-    folder, manifest, variant, staging, progress = (
-        job.folder,
-        job.manifest,
-        job.variant,
-        job.staging,
-        job.progress,
-    )
+    folder, manifest, variant = job.folder, job.manifest, job.variant
+    staging, progress = job.staging, job.progress
     built = mobile.build(folder, manifest, variant, staging, static, progress)
     for name in job.copied:
         copy_file(folder / name, staging / name)
@@ -215,13 +210,8 @@ def _build_mobile(job: _Job, static: bool) -> dict:
 
 
 def _build_web(job: _Job, library: dict) -> dict:
-    folder, manifest, variant, staging, progress = (
-        job.folder,
-        job.manifest,
-        job.variant,
-        job.staging,
-        job.progress,
-    )
+    folder, manifest, variant = job.folder, job.manifest, job.variant
+    staging, progress = job.staging, job.progress
     model_dir = staging / web.MODEL_DIR
     built = web.build(folder, manifest, variant, staging, progress)
     for warning in built.warnings:

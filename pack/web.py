@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flonnx.runtime.folder import DTYPE_SUFFIXES
-from flonnx.runtime.manifest import COMPONENTS, component_data_files, variant_files
+from flonnx.runtime.manifest import COMPONENTS
 
-from .folder import PackError
+from .folder import PackError, read_variant
 
 FILE_LIMIT = 2**31 - 1  # one ArrayBuffer / one fetched file in a browser
 MEMORY_LIMIT = 2**32  # WebAssembly (wasm32) heap: weights, their prepacked copies, activations
@@ -264,28 +264,11 @@ def check_fits(reads: dict[str, int], variant: str) -> list[str]:
 
 def build(source: Path, manifest: dict, variant: str, staging: Path, progress) -> WebBuild:
     """Write `variant` of `source` as `MODEL_DIR/onnx/<graph><suffix>.onnx` + `.onnx_data` in `staging`."""
-    files = variant_files(manifest, variant)
-    not_onnx = [name for name in files.values() if not name.endswith(".onnx")]
-    if not_onnx:
-        raise PackError(
-            f"variant {variant!r} is not ONNX graphs ({', '.join(not_onnx)}): pack an export folder"
-        )
+    found = read_variant(source, manifest, variant, progress, "a browser needs it in each graph's own file")
+    files, reads = found.files, found.reads
     listed = manifest["variants"][variant]
     dtypes = {c: transformers_js_dtype(c, files[c]) for c in COMPONENTS}
-    data = {c: component_data_files(manifest, variant, c) for c in COMPONENTS}
-    reads = {c: _size(source / files[c]) + sum(_size(source / d) for d in data[c]) for c in COMPONENTS}
     warnings = check_fits(reads, variant)
-    readers: dict[str, list[str]] = {}
-    for component in COMPONENTS:
-        for name in data[component]:
-            readers.setdefault(name, []).append(component)
-    shared = {
-        name: {"bytes": _size(source / name), "read_by": who} for name, who in readers.items() if len(who) > 1
-    }
-    duplicated = sum(item["bytes"] * (len(item["read_by"]) - 1) for item in shared.values())
-    if shared:
-        names = ", ".join(f"{name} ({item['bytes'] / 1e6:.1f} MB)" for name, item in shared.items())
-        progress(f"shared by two graphs: {names}; a browser needs it in each graph's own data file")
 
     model_dir = staging / MODEL_DIR
     entry, written, per_component, external = {}, [], {}, {}
@@ -325,12 +308,12 @@ def build(source: Path, manifest: dict, variant: str, staging: Path, progress) -
             "use_external_data_format": external,
         },
         "sizes": {
-            "source_variant": sum(_size(source / name) for name in {*files.values(), *readers}),
+            "source_variant": found.source_bytes,
             "pack_graphs": sum(v["graph"] + v["data"] for v in per_component.values()),
             "per_component": per_component,
         },
-        "shared_tables": shared,
-        "duplicated_bytes": duplicated,
+        "shared_tables": found.shared,
+        "duplicated_bytes": found.duplicated,
         "warnings": warnings,
     }
     return WebBuild(entry, written, details, warnings)
