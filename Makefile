@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml js/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[export,quantize,dev]'
+	$(BIN)/pip install --quiet -e '.[export,quantize,serve,label,ray,dev]'
 	if command -v npm >/dev/null; then cd js && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: transformers.js not installed in js/"; fi
 	command -v chromium >/dev/null || $(SUDO) sh -c 'apt-get update -q && apt-get install -y -q chromium' \

@@ -25,10 +25,29 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "info": ("flonnx.runtime.info", "runtime", "what this machine offers, or what a model folder holds"),
     "pack": ("flonnx.pack.cli", "pack", "pack a variant for a device: a browser page or ONNX Runtime Mobile"),
+    "serve": ("flonnx.serve.cli", "serve", "serve an export folder over HTTP, batching concurrent requests"),
+    "loadtest": ("flonnx.serve.loadtest", "serve", "load-test a running flonnx server on this machine"),
+    "label": (
+        "flonnx.label.cli",
+        "label",
+        "label many images: COCO JSON and JSONL, resumable, on one machine or Ray",
+    ),
 }
 
 # Imports a stage needs, mapped to the extra that installs them.
-EXTRA_OF_MODULE = {"torch": "export", "transformers": "export", "onnxscript": "export", "onnx": "quantize"}
+EXTRA_OF_MODULE = {
+    "torch": "export",
+    "transformers": "export",
+    "onnxscript": "export",
+    "onnx": "quantize",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "httpx": "serve",
+    "prometheus_client": "serve",
+    "multipart": "serve",
+    "ray": "ray",
+    "pyarrow": "label",
+}
 
 
 def _load(module_name: str, extra: str):

@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import InputError
 
 
-def _box(value: str) -> list[float]:
+def region_argument(value: str) -> list[float]:
     parts = value.replace(" ", "").split(",")
     try:
         box = [float(p) for p in parts]
@@ -22,7 +22,7 @@ def _box(value: str) -> list[float]:
     return box
 
 
-def _dtype(value: str):
+def dtype_argument(value: str):
     from .folder import parse_dtype
 
     try:
@@ -40,14 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--task", action="append", required=True, help='a task token, e.g. "<OD>"; repeatable'
     )
     parser.add_argument("--text", help="input text for the tasks that take text (phrase grounding, ...)")
-    parser.add_argument("--region", type=_box, help="x1,y1,x2,y2 pixel box for the REGION_TO_* tasks")
+    parser.add_argument(
+        "--region", type=region_argument, help="x1,y1,x2,y2 pixel box for the REGION_TO_* tasks"
+    )
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument(
         "--variant", help="a variant listed in flonnx.json, e.g. int8 (default fp32, or the only one listed)"
     )
     choice.add_argument(
         "--dtype",
-        type=_dtype,
+        type=dtype_argument,
         help="transformers.js dtype: fp32, fp16, q8, int8, uint8, q4, q4f16, bnb4; or per component, "
         "e.g. vision_encoder=fp16,decoder_model_merged=q4 (the rest fp32)",
     )

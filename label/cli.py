@@ -1,0 +1,96 @@
+"""`flonnx label SRC OUT --model FOLDER --task T`: label images into COCO JSON and JSONL, resumably."""
+
+from __future__ import annotations
+
+import argparse
+
+from flonnx.runtime.run_cli import dtype_argument, region_argument
+
+from .local import POOLS
+from .runner import DEFAULT_BATCH_SIZE, DEFAULT_POOL
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "src",
+        metavar="SRC",
+        help="a folder of images (searched recursively), a list file (one path per line), "
+        "or a .jsonl / .parquet manifest of image paths",
+    )
+    parser.add_argument(
+        "out",
+        metavar="OUT",
+        help="output folder: labels.jsonl, errors.jsonl, coco-<task>.json; run again to resume",
+    )
+    parser.add_argument("--model", required=True, metavar="FOLDER", help="an export folder (flonnx export)")
+    parser.add_argument(
+        "--task", action="append", required=True, help='a task token, e.g. "<OD>"; repeatable'
+    )
+    parser.add_argument("--text", help="input text for the tasks that take text (phrase grounding, ...)")
+    parser.add_argument(
+        "--region", type=region_argument, help="x1,y1,x2,y2 pixel box for the REGION_TO_* tasks"
+    )
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--variant", help="a variant listed in flonnx.json, e.g. int8 (default fp32)")
+    choice.add_argument("--dtype", type=dtype_argument, help="transformers.js dtype, or one per component")
+    parser.add_argument("--max-new-tokens", type=int, help="override generation_config.json's length")
+    parser.add_argument("--num-beams", type=int, help="beam width, 1: greedy (default: generation_config)")
+    parser.add_argument("--column", help="the manifest's key or column holding image paths (default: path)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images per run_batch call (default {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--workers", type=int, help="workers (default: cores / threads; on Ray: cluster CPUs / threads)"
+    )
+    parser.add_argument("--threads", type=int, help="onnxruntime threads per worker (default 1)")
+    parser.add_argument(
+        "--pool",
+        choices=POOLS,
+        default=DEFAULT_POOL,
+        help=f"local workers: threads sharing one model, or processes with one each (default {DEFAULT_POOL})",
+    )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="ADDRESS",
+        help="run on Ray Data: a running cluster (RAY_ADDRESS, `ray start`) or else a local instance; "
+        "or the cluster at ADDRESS (auto, host:port, ray://host:port). Needs the 'ray' extra",
+    )
+    parser.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="label again the images listed in errors.jsonl",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def main(args: argparse.Namespace) -> int:
+    from flonnx.runtime.staging import Progress
+
+    from .runner import label
+
+    label(
+        args.src,
+        args.out,
+        args.model,
+        args.task,
+        text=args.text,
+        region=args.region,
+        variant=args.dtype or args.variant,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        column=args.column,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        threads=args.threads,
+        pool=args.pool,
+        ray=args.ray,
+        retry_errors=args.retry_errors,
+        progress=Progress(quiet=args.quiet),
+    )
+    return 0
