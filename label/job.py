@@ -122,18 +122,7 @@ def make_job(
 
 def _check_inputs(job: Job, table: TaskTable) -> None:
     """--text and --region used by some task, and every task given what it needs (as `flonnx run`)."""
-    chosen = ", ".join(job.tasks)
-    region_tasks = [t for t in table.tasks if t in table.region_tasks]
-    text_tasks = [t for t in table.prompts_with_input if t not in table.region_tasks]
-    if job.text is not None and not any(t in text_tasks or t in region_tasks for t in job.tasks):
-        raise InputError(
-            f"--text {job.text!r} is not used by {chosen}: it takes no input; "
-            f"tasks that take text: {', '.join(text_tasks)}"
-        )
-    if job.region is not None and not any(t in region_tasks for t in job.tasks):
-        raise InputError(
-            f"--region is not used by {chosen}; tasks that take a region: {', '.join(region_tasks)}"
-        )
+    table.check_inputs(job.tasks, job.text, job.region)
     for task in job.tasks:
         text, region = job.inputs(task, table)
         # A prompt that cannot be built would fail on every image: fail once, now.

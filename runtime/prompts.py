@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ModelFolderError, PromptError
+from .errors import InputError, ModelFolderError, PromptError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -155,6 +155,25 @@ class TaskTable:
     def tasks(self) -> tuple[str, ...]:
         """Every task token that `build_prompt` accepts, without-input tasks first."""
         return (*self.prompts_without_input, *self.prompts_with_input)
+
+    def check_inputs(self, tasks: Sequence[str], text: str | None, region) -> None:
+        """Every task known, and `text` / `region` used by at least one of `tasks` (as transformers'
+        processor, which refuses text after a task that takes none, rather than ignoring it)."""
+        for task in tasks:
+            if task not in self.tasks:
+                raise InputError(f"unknown task {task!r}, expected one of: {', '.join(self.tasks)}")
+        region_tasks = [t for t in self.tasks if t in self.region_tasks]
+        text_tasks = [t for t in self.prompts_with_input if t not in self.region_tasks]
+        chosen = ", ".join(tasks)
+        if text is not None and not any(t in text_tasks or t in region_tasks for t in tasks):
+            raise InputError(
+                f"--text {text!r} is not used by {chosen}: it takes no input; "
+                f"tasks that take text: {', '.join(text_tasks)}"
+            )
+        if region is not None and not any(t in region_tasks for t in tasks):
+            raise InputError(
+                f"--region is not used by {chosen}; tasks that take a region: {', '.join(region_tasks)}"
+            )
 
     def post_processing_type(self, task: str) -> str:
         # Florence2Processor.post_process_generation treats a task it does not know as pure text.

@@ -68,26 +68,6 @@ def _draw_path(template: str, image: str, count: int) -> Path:
     return path if count == 1 else path.with_name(f"{path.stem}-{Path(image).stem}{path.suffix or '.png'}")
 
 
-def _check_inputs(args: argparse.Namespace, tasks) -> None:
-    """Every task known, and --text / --region used by at least one of the tasks (as transformers'
-    processor, which refuses text after a task that takes none, rather than ignoring it)."""
-    for task in args.task:
-        if task not in tasks.tasks:
-            raise InputError(f"unknown task {task!r}, expected one of: {', '.join(tasks.tasks)}")
-    region_tasks = [t for t in tasks.tasks if t in tasks.region_tasks]
-    text_tasks = [t for t in tasks.prompts_with_input if t not in tasks.region_tasks]
-    chosen = ", ".join(args.task)
-    if args.text is not None and not any(t in text_tasks or t in region_tasks for t in args.task):
-        raise InputError(
-            f"--text {args.text!r} is not used by {chosen}: it takes no input; "
-            f"tasks that take text: {', '.join(text_tasks)}"
-        )
-    if args.region is not None and not any(t in region_tasks for t in args.task):
-        raise InputError(
-            f"--region is not used by {chosen}; tasks that take a region: {', '.join(region_tasks)}"
-        )
-
-
 def main(args: argparse.Namespace) -> int:
     from .draw import draw_results
     from .model import Florence2, Request
@@ -97,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     variant = args.dtype or args.variant  # None: fp32, or the folder's only variant
     model = Florence2.load(args.folder, variant=variant, threads=args.threads)
     loaded = time.perf_counter() - started
-    _check_inputs(args, model.tasks)
+    model.tasks.check_inputs(args.task, args.text, args.region)
     with_input = set(model.tasks.prompts_with_input)
     for image_path in args.images:
         timings: dict = {}
