@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flonnx.runtime.run_cli import dtype_argument, region_argument
+from flonnx.runtime.run_cli import add_task_arguments
 
 from .local import POOLS
 from .runner import DEFAULT_BATCH_SIZE, DEFAULT_POOL
@@ -23,18 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output folder: labels.jsonl, errors.jsonl, coco-<task>.json; run again to resume",
     )
     parser.add_argument("--model", required=True, metavar="FOLDER", help="an export folder (flonnx export)")
-    parser.add_argument(
-        "--task", action="append", required=True, help='a task token, e.g. "<OD>"; repeatable'
-    )
-    parser.add_argument("--text", help="input text for the tasks that take text (phrase grounding, ...)")
-    parser.add_argument(
-        "--region", type=region_argument, help="x1,y1,x2,y2 pixel box for the REGION_TO_* tasks"
-    )
-    choice = parser.add_mutually_exclusive_group()
-    choice.add_argument("--variant", help="a variant listed in flonnx.json, e.g. int8 (default fp32)")
-    choice.add_argument("--dtype", type=dtype_argument, help="transformers.js dtype, or one per component")
-    parser.add_argument("--max-new-tokens", type=int, help="override generation_config.json's length")
-    parser.add_argument("--num-beams", type=int, help="beam width, 1: greedy (default: generation_config)")
+    add_task_arguments(parser)
     parser.add_argument("--column", help="the manifest's key or column holding image paths (default: path)")
     parser.add_argument(
         "--batch-size",

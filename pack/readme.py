@@ -51,6 +51,14 @@ def build_commands(ort_version: str) -> dict[str, list[str]]:
     }
 
 
+def shared_tables(pack: dict) -> str:
+    """The data files two graphs of the source share, named with their size and readers."""
+    return ", ".join(
+        f"`{table}` ({_mb(item['bytes'])} MB, read by {' and '.join(item['read_by'])})"
+        for table, item in pack["shared_tables"].items()
+    )
+
+
 def _mb(size: int) -> str:
     return f"{size / 1e6:.1f}"
 
@@ -108,13 +116,9 @@ def render(manifest: dict, findings: dict, name: str) -> str:
         f"{_mb(sizes['source_variant'])} MB.",
     ]
     if pack["shared_tables"]:
-        shared = ", ".join(
-            f"`{table}` ({_mb(item['bytes'])} MB, read by {' and '.join(item['read_by'])})"
-            for table, item in pack["shared_tables"].items()
-        )
         lines.append(
             f"The ORT format has no external data, so the table the source keeps once for two graphs, "
-            f"{shared}, is stored in both files here: {_mb(pack['duplicated_bytes'])} MB more."
+            f"{shared_tables(pack)}, is stored in both files here: {_mb(pack['duplicated_bytes'])} MB more."
         )
     lines += [
         "",

@@ -3,7 +3,7 @@ transformers.js, what fits in a browser, and the check against the source varian
 
 from __future__ import annotations
 
-from .readme import TITLES, _mb
+from .readme import TITLES, _mb, shared_tables
 from .web import LIBRARY_DIR, MODEL_DIR
 
 
@@ -72,13 +72,9 @@ def render(manifest: dict, name: str) -> str:
         f"{_mb(sizes['source_variant'])} MB.",
     ]
     if pack["shared_tables"]:
-        shared = ", ".join(
-            f"`{table}` ({_mb(item['bytes'])} MB, read by {' and '.join(item['read_by'])})"
-            for table, item in pack["shared_tables"].items()
-        )
         lines.append(
             "In a browser transformers.js hands each graph its own data file by name, so the table the "
-            f"source keeps once for two graphs, {shared}, is stored with each: "
+            f"source keeps once for two graphs, {shared_tables(pack)}, is stored with each: "
             f"{_mb(pack['duplicated_bytes'])} MB more."
         )
     lines += [

@@ -31,11 +31,9 @@ def dtype_argument(value: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "folder", metavar="FOLDER", help="an export folder (flonnx export) or an onnx-community folder"
-    )
-    parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """--task, --text, --region, --variant/--dtype, --max-new-tokens, --num-beams: as `flonnx run`
+    takes them (`flonnx label` too)."""
     parser.add_argument(
         "--task", action="append", required=True, help='a task token, e.g. "<OD>"; repeatable'
     )
@@ -55,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, help="override generation_config.json's length")
     parser.add_argument("--num-beams", type=int, help="beam width, 1: greedy (default: generation_config)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "folder", metavar="FOLDER", help="an export folder (flonnx export) or an onnx-community folder"
+    )
+    parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    add_task_arguments(parser)
     parser.add_argument("--do-sample", action="store_true", help="sample; with num_beams > 1, beam-sample")
     parser.add_argument("--seed", type=int, help="seed for --do-sample: the same seed, the same output")
     parser.add_argument("--scores", action="store_true", help='add per-box "scores" to answers with boxes')
