@@ -7,6 +7,7 @@
 - Embedding tables: int8 with one scale per row, Gather -> Cast -> Mul.
 - Conv weights: stored int8 per output channel behind a DequantizeLinear, so the convolution
   still computes in fp32 (int8 ConvInteger is several times slower on CPU).
+- Fused attention: first, DaViT's window attention as MultiHeadAttention nodes (attention.py).
 - float16: last, onnxruntime's converter with float32 inputs and outputs (float16.py); quantized
   ops then take float16 scales and activations.
 
@@ -30,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from flonnx.export.onnxfile import iter_graphs
 from flonnx.runtime.errors import FlonnxError
 
+from .attention import fuse_window_attention
 from .float16 import convert_to_float16
 from .recipes import ComponentRecipe
 
@@ -184,7 +186,13 @@ def quantize_matmuls_int8(
             per_channel=per_channel,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=sorted(exclude or ()),
-            extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True},
+            # DefaultTensorType: shape inference gives no type to the outputs of contrib ops
+            # (fused attention); every activation here is float32.
+            extra_options={
+                "EnableSubgraph": True,
+                "MatMulConstBOnly": True,
+                "DefaultTensorType": TensorProto.FLOAT,
+            },
         )
         return onnx.load(str(path))
 
@@ -391,6 +399,8 @@ def quantize_component(model: onnx.ModelProto, recipe: ComponentRecipe, vocab_si
     result.CopyFrom(model)
     _name_nodes(result)
     before = float_bytes(result)
+    if recipe.fused_attention:
+        fuse_window_attention(result)
     if recipe.gather_tables_int8:
         result = quantize_gather_tables(result)
     if recipe.matmul_bits == 8 and recipe.kernel == "dynamic":

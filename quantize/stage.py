@@ -80,6 +80,8 @@ def describe(recipe: ComponentRecipe) -> str:
         parts.append("int8 embedding tables")
     if recipe.conv_weights_int8:
         parts.append("int8-stored conv weights")
+    if recipe.fused_attention:
+        parts.append("fused window attention")
     if recipe.float16:
         parts.append(("then " if parts else "") + "float16 with float32 inputs and outputs")
     return ", ".join(parts) or "fp32"
@@ -260,6 +262,9 @@ def quantize(
             progress(f"{component}: {describe(component_recipe)} -> {targets[component]}")
             source = _load_onnx(folder / sources[component])
             models[component] = _quantize_one(component, source, component_recipe, vocab_size)
+            if component_recipe.fused_attention:
+                fused = sum(node.op_type == "MultiHeadAttention" for node in models[component].graph.node)
+                progress(f"{component}: {fused} window attention blocks fused")
             weights[component] = {"fp32": float_bytes(source), "quantized": float_bytes(models[component])}
             del source
 
