@@ -34,9 +34,10 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py --out $(ARTIFACTS)/demo
 
-# Full-size base with random weights: builds, exports and quantizes on first use (cached).
+# Full-size base with random weights: builds, exports and quantizes on first use (cached), then times
+# flonnx against its peers (PyTorch fp32/bf16, transformers.js in Node from js/node_modules); see docs/benchmarks.md.
 bench: $(STAMP)
-	$(BIN)/flonnx bench --size base --out $(ARTIFACTS)/bench --cache $(ARTIFACTS)/bench/cache
+	$(BIN)/flonnx bench --size base --threads 2 --out $(ARTIFACTS)/bench --cache $(ARTIFACTS)/bench/cache
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

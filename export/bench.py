@@ -1,9 +1,12 @@
-"""`flonnx bench`: flonnx against PyTorch on the same random Florence-2 weights, in one run.
+"""`flonnx bench`: flonnx against its peers on the same random Florence-2 weights, in one run.
 
-Both sides do identical work (forced lengths, greedy), alternate run by run, and every number is
-a median with its spread. Ratios are against PyTorch measured in the same run, so a noisy machine
-shifts both sides together. The floors (vision FLOPs over measured matmul throughput, decode-step
-weight bytes over measured memory bandwidth) are measured here too.
+The peers are the runtimes a user would pick instead (bench_peers.py): PyTorch in float32 and in
+bfloat16, and transformers.js in Node on our fp32 and int8 folders and on an onnx-community-style
+q8 folder. Every side does identical work (forced lengths, greedy); the sides alternate run by run
+inside the repeats loop, so a noisy machine shifts them together, and every number is a median with
+its spread. Ratios are against PyTorch float32 measured in the same run. The floors the timings are
+divided by (sgemm, int8 GEMM, memory bandwidth; bench_floors.py) are measured in the same run too,
+and bench_report.py writes the tables and checks issue 16's targets.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,16 @@ import numpy as np
 from flonnx.runtime.errors import ExportError, InputError
 from flonnx.runtime.manifest import read_manifest, variant_data_files
 
+from . import bench_floors as floors
+from .bench_peers import (
+    TorchSide,
+    TransformersJsSide,
+    bf16_reason,
+    community_folder,
+    js_dtype,
+    transformers_js_missing,
+)
+from .bench_report import markdown, targets, write_report
 from .exporter import Progress
 
 PROFILES = {"caption": ("<CAPTION>", 20), "detection": ("<OD>", 128)}
@@ -30,6 +44,8 @@ SIZES = ("tiny", "base", "large")
 RECIPES = ("int8", "int4")
 SERVER_BATCHES = (1, 4, 8)
 BEAMS = 3
+BF16_MODES = ("auto", "on", "off")
+STAGES = ("preprocess", "vision", "encoder", "first_step", "step", "postprocess")
 
 
 @dataclass
@@ -53,21 +69,30 @@ class Timing:
 class BenchOptions:
     size: str = "base"
     repeats: int = 3
-    threads: int | None = None
+    threads: int | None = None  # None: physical cores
     cache: Path = Path("artifacts/bench/cache")
     out: Path = Path("artifacts/bench")
     profiles: tuple[str, ...] = tuple(PROFILES)
     variants: tuple[str, ...] | None = None  # None: fp32 and every recipe available
     server: bool = True
+    beam: bool = True
+    transformers_js: bool = True
+    bf16: str = "auto"  # PyTorch bfloat16 peer: "auto" = where the CPU has AVX-512 BF16 or AMX-BF16
 
     def __post_init__(self):
         if self.size not in SIZES:
             raise InputError(f"unknown size {self.size!r}, expected one of: {', '.join(SIZES)}")
-        if not isinstance(self.repeats, int) or self.repeats < 1:
+        if not isinstance(self.repeats, int) or isinstance(self.repeats, bool) or self.repeats < 1:
             raise InputError(f"repeats must be a positive integer, got {self.repeats!r}")
+        if self.threads is not None and (
+            not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
+        ):
+            raise InputError(f"threads must be a positive integer, got {self.threads!r}")
         unknown = [p for p in self.profiles if p not in PROFILES]
         if unknown:
             raise InputError(f"unknown profile {', '.join(unknown)}, expected: {', '.join(PROFILES)}")
+        if self.bf16 not in BF16_MODES:
+            raise InputError(f"unknown --bf16 value {self.bf16!r}, expected one of: {', '.join(BF16_MODES)}")
 
 
 def _image(seed: int = 0):
@@ -77,71 +102,9 @@ def _image(seed: int = 0):
     return Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
 
 
-# -- the machine's floors -------------------------------------------------------------------
-
-
-def matmul_gflops(threads: int, size: int = 1024, repeats: int = 5) -> float:
-    """float32 matmul throughput of onnxruntime's MLAS on this machine (a 1-op graph)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper  # the export extra brings onnx
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])],
-        "matmul",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in "ab"],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])],
-    )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(helper.make_model(graph).SerializeToString(), options)
-    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
-    session.run(None, {"a": a, "b": a})
-    best = min(_timed(lambda: session.run(None, {"a": a, "b": a})) for _ in range(repeats))
-    return 2 * size**3 / best / 1e9
-
-
-def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-    """GB/s of a large array copy (read + write counted)."""
-    source = np.ones(megabytes * (1 << 20) // 4, np.float32)
-    target = np.empty_like(source)
-    best = min(_timed(lambda: np.copyto(target, source)) for _ in range(repeats))
-    return 2 * source.nbytes / best / 1e9
-
-
-def _timed(function) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
-
-
-def decode_step_bytes(folder: Path, manifest: dict, variant: str) -> int:
-    """Bytes of the weights a later decoder step reads: the with-past branch's and shared ones.
-
-    Tensors used only to compute the cross-attention K/V at the first step are not read again,
-    and neither is the embedding table (one row per step)."""
-    import onnx
-
-    path = folder / manifest["variants"][variant]["decoder_model_merged"]["file"]
-    model = onnx.load(str(path))
-    outer = {t.name: t for t in model.graph.initializer}
-    if_node = next((n for n in model.graph.node if n.op_type == "If"), None)
-    if if_node is None:
-        return sum(_nbytes(t) for t in outer.values())
-    then = next(a.g for a in if_node.attribute if a.name == "then_branch")
-    used = {name for node in then.node for name in node.input}
-    total = sum(_nbytes(t) for t in then.initializer)
-    total += sum(_nbytes(t) for name, t in outer.items() if name in used)
-    return total
-
-
-def _nbytes(tensor) -> int:
-    from onnx import helper
-
-    itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-
-
-# -- the two sides ---------------------------------------------------------------------------
+def _input_size(folder: Path) -> tuple[int, int]:
+    size = json.loads((folder / "preprocessor_config.json").read_text())["size"]
+    return size["width"], size["height"]
 
 
 def prepare(options: BenchOptions, progress: Progress) -> tuple[Path, Path]:
@@ -187,42 +150,6 @@ def _quantize_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-class TorchSide:
-    def __init__(self, checkpoint: Path, threads: int):
-        import torch
-        from transformers import AutoProcessor, Florence2ForConditionalGeneration
-
-        torch.set_num_threads(threads)
-        self.torch = torch
-        self.model = Florence2ForConditionalGeneration.from_pretrained(checkpoint).eval()
-        self.processor = AutoProcessor.from_pretrained(checkpoint)
-
-    def run(self, image, task: str, new_tokens: int) -> tuple[list[int], float]:
-        started = time.perf_counter()
-        inputs = self.processor(text=task, images=image, return_tensors="pt")
-        with self.torch.no_grad():
-            ids = self.model.generate(
-                **inputs, num_beams=1, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens
-            )
-        text = self.processor.batch_decode(ids, skip_special_tokens=False)[0]
-        self.processor.post_process_generation(text, task=task, image_size=image.size)
-        return ids[0].tolist(), time.perf_counter() - started
-
-    def vision_flops(self, image) -> float:
-        """FLOPs of one vision encoder pass, counted by PyTorch on the module itself."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        inputs = self.processor(text="<CAPTION>", images=image, return_tensors="pt")
-        with self.torch.no_grad(), FlopCounterMode(display=False) as counter:
-            self.model.get_image_features(inputs["pixel_values"])
-        return float(counter.get_total_flops())
-
-    def vision(self, image) -> float:
-        inputs = self.processor(text="<CAPTION>", images=image, return_tensors="pt")
-        with self.torch.no_grad():
-            return _timed(lambda: self.model.get_image_features(inputs["pixel_values"]))
 
 
 def _run_flonnx(model, image, task: str, new_tokens: int, batch: int = 1, beams: int = 1):
@@ -287,6 +214,157 @@ def bundle_bytes(folder: Path, manifest: dict, variant: str) -> int:
 # -- the run ---------------------------------------------------------------------------------
 
 
+def _agreement(tokens: list[int], reference: list[int]) -> dict:
+    same = sum(a == b for a, b in zip(tokens, reference)) / max(len(reference), 1)
+    return {"equal": tokens == reference, "agreement": same}
+
+
+def _load_peers(options, checkpoint, folder, manifest, threads, cpu, report, progress) -> dict:
+    """The peers beside PyTorch float32: {key: (label, side)}; skipped ones say why."""
+    peers: dict = {}
+    run_bf16, why = bf16_reason(options.bf16, cpu)
+    progress(f"PyTorch bf16: {'timed' if run_bf16 else 'skipped'}: {why}")
+    if run_bf16:
+        peers["pytorch_bf16"] = ("PyTorch bf16", TorchSide(checkpoint, threads, bfloat16=True))
+    else:
+        report["skipped"]["PyTorch bf16"] = why
+    missing = "--no-transformers-js" if not options.transformers_js else transformers_js_missing()
+    if missing:
+        progress(f"transformers.js: skipped: {missing}")
+        report["skipped"]["transformers.js"] = missing
+        return peers
+    community = community_folder(folder, options.cache / f"{options.size}-community", progress)
+    folders = [("tjs_community_q8", "community q8", community, "q8")]
+    for variant in ("fp32", "int8"):
+        dtype = js_dtype(manifest, variant) if variant in manifest["variants"] else None
+        if dtype:
+            folders.append((f"tjs_{variant}", f"flonnx {variant}", folder, dtype))
+    for key, name, path, dtype in folders:
+        progress(f"loading transformers.js on {name} ({path}, dtype {dtype})")
+        peers[key] = (f"transformers.js, {name}", TransformersJsSide(path, dtype, threads))
+    return peers
+
+
+def _time_profile(name, options, torch_side, peers, models, image, image_file, progress) -> dict:
+    """One profile: a warm-up run per side (tokens checked against PyTorch), then the repeats."""
+    task, new_tokens = PROFILES[name]
+    progress(f"profile {name}: {task}, {new_tokens} new tokens, {options.repeats} repeats")
+
+    def run_peer(side):
+        if isinstance(side, TorchSide):
+            return side.run(image, task, new_tokens)
+        return side.run(image_file, task, new_tokens)
+
+    reference, _ = torch_side.run(image, task, new_tokens)
+    parity, peer_parity = {}, {}
+    for variant, model in models.items():
+        (result,), _, warm = _run_flonnx(model, image, task, new_tokens)
+        parity[variant] = _agreement(result.tokens, reference)
+    if "fp32" in parity and not parity["fp32"]["equal"]:
+        raise RuntimeError(f"fp32 tokens differ from PyTorch on {task}: the export is broken")
+    for key, (label, side) in peers.items():
+        peer_parity[key] = _agreement(run_peer(side)[0], reference)
+        if key == "tjs_fp32" and not peer_parity[key]["equal"]:
+            progress(f"  {label}: tokens differ from PyTorch's ({peer_parity[key]['agreement']:.0%} agree)")
+    torch_time = Timing()
+    peer_time = {key: Timing() for key in peers}
+    flonnx_time = {v: Timing() for v in models}
+    stages = {v: {k: Timing() for k in STAGES} for v in models}
+    for repeat in range(options.repeats):
+        torch_time.add(torch_side.run(image, task, new_tokens)[1])
+        for key, (_, side) in peers.items():
+            peer_time[key].add(run_peer(side)[1])
+        for variant, model in models.items():
+            _, seconds, timings = _run_flonnx(model, image, task, new_tokens)
+            flonnx_time[variant].add(seconds)
+            for stage in ("preprocess", "vision", "encoder", "first_step", "postprocess"):
+                stages[variant][stage].add(timings.get(stage, 0.0))
+            steps = max(timings["steps"] - 1, 1)
+            stages[variant]["step"].add((timings["decode"] - timings["first_step"]) / steps)
+        times = [("torch", torch_time)] + [(k, t) for k, t in peer_time.items()] + list(flonnx_time.items())
+        progress(
+            f"  repeat {repeat + 1}/{options.repeats}: "
+            + ", ".join(f"{k} {t.runs[-1]:.2f}s" for k, t in times)
+        )
+
+    def row(timing: Timing) -> dict:
+        return {
+            "end_to_end": timing.summary(),
+            "speedup_vs_torch": torch_time.median / timing.median,
+            "tokens_per_s": new_tokens / timing.median,
+        }
+
+    return {
+        "task": task,
+        "new_tokens": new_tokens,
+        "encoder_tokens": warm["encoder_tokens"],
+        "parity": parity,
+        "torch": torch_time.summary(),
+        "peers": {
+            key: {"label": label, **row(peer_time[key]), "parity": peer_parity[key]}
+            for key, (label, _) in peers.items()
+        },
+        "flonnx": {
+            v: {
+                **row(flonnx_time[v]),
+                "stages": {k: t.median for k, t in stages[v].items()},
+                "vision_runs": stages[v]["vision"].runs,
+            }
+            for v in models
+        },
+    }
+
+
+def _measure_floors(report, folder, manifest, models, threads, rates, progress) -> dict:
+    """The floors: `rates` (measured before the timings) and a second measurement now, best of
+    each; the vision encoder's FLOPs per variant; the decode step's bytes."""
+    progress("floors: sgemm, int8 GEMM, memory bandwidth, vision FLOPs per variant")
+    found = floors.best_rates([rates, floors.machine_rates(threads)])
+    sgemm, int8_gemm, bandwidth = found["sgemm_gflops"], found["int8_gemm_gops"], found["memory_gb_s"]
+    width, height = _input_size(folder)
+    pixels = {"pixel_values": np.zeros((1, 3, height, width), np.float32)}
+    found["vision"], found["decode_step"] = {}, {}
+    profiles = report["profiles"]
+    for variant in models:
+        flops = floors.graph_flops(
+            folder / manifest["variants"][variant]["vision_encoder"]["file"], pixels, threads
+        )
+        # every vision pass the profiles timed, caption's and detection's
+        runs = [t for p in profiles.values() for t in p["flonnx"].get(variant, {}).get("vision_runs", [])]
+        vision_s = statistics.median(runs) if runs else None
+        floor = floors.vision_floor(flops, sgemm, int8_gemm)
+        found["vision"][variant] = {
+            "integer_gflop": flops["integer"] / 1e9,
+            "float_gflop": flops["float"] / 1e9,
+            "gflop_by_op": {op: value / 1e9 for op, value in sorted(flops["by_op"].items())},
+            "floor_s": floor,
+            "measured_s": vision_s,
+            "over_floor": vision_s / floor if vision_s else None,
+        }
+    decoding = profiles.get("detection") or profiles.get("caption") or {}
+    for variant, model in models.items():
+        path = folder / manifest["variants"][variant]["decoder_model_merged"]["file"]
+        step_bytes = floors.decode_step_bytes(path)
+        floor = step_bytes / 1e9 / bandwidth
+        step = decoding.get("flonnx", {}).get(variant, {}).get("stages", {}).get("step")
+        # Not weights, but read by every step all the same: the cross-attention K/V over the
+        # encoder output and the self-attention K/V at the measured steps' mean length.
+        cache = floors.cache_bytes(
+            model.layout, decoding.get("encoder_tokens", 0), decoding.get("new_tokens", 0)
+        )
+        with_cache = (step_bytes + cache) / 1e9 / bandwidth
+        found["decode_step"][variant] = {
+            "weight_bytes": step_bytes,
+            "floor_s": floor,
+            "measured_s": step,
+            "over_floor": step / floor if step else None,
+            "cache_bytes": cache,
+            "floor_with_cache_s": with_cache,
+            "over_floor_with_cache": step / with_cache if step else None,
+        }
+    return found
+
+
 def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict:
     from flonnx.runtime import Florence2
     from flonnx.runtime.sessions import physical_cores
@@ -296,13 +374,11 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict:
     checkpoint, folder = prepare(options, progress)
     manifest = read_manifest(folder)
     variants = [v for v in (options.variants or manifest["variants"]) if v in manifest["variants"]]
-    progress(f"loading PyTorch and flonnx ({', '.join(variants)}), {threads} threads")
-    torch_side = TorchSide(checkpoint, threads)
-    models = {v: Florence2.load(folder, variant=v, threads=threads) for v in variants}
-    image = _image()
-
+    cpu = floors.cpu_features()
     report: dict = {
         "machine": {
+            "cpu": cpu["model"],
+            **{name: cpu[name] for name in floors.CPU_FEATURES},
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
@@ -312,63 +388,40 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict:
         "size": options.size,
         "repeats": options.repeats,
         "variants": variants,
+        "skipped": {},
         "profiles": {},
     }
-    for name in options.profiles:
-        task, new_tokens = PROFILES[name]
-        progress(f"profile {name}: {task}, {new_tokens} new tokens, {options.repeats} repeats")
-        # warm-up, and the parity check of fp32 against PyTorch
-        reference, _ = torch_side.run(image, task, new_tokens)
-        parity = {}
-        for variant, model in models.items():
-            (result,), _, warm = _run_flonnx(model, image, task, new_tokens)
-            agree = sum(a == b for a, b in zip(result.tokens, reference)) / max(len(reference), 1)
-            parity[variant] = {"equal": result.tokens == reference, "agreement": agree}
-        if "fp32" in parity and not parity["fp32"]["equal"]:
-            raise RuntimeError(f"fp32 tokens differ from PyTorch on {task}: the export is broken")
-        torch_time = Timing()
-        flonnx_time = {v: Timing() for v in variants}
-        stages = {
-            v: {k: Timing() for k in ("preprocess", "vision", "encoder", "first_step", "step", "postprocess")}
-            for v in variants
-        }
-        for repeat in range(options.repeats):
-            torch_time.add(torch_side.run(image, task, new_tokens)[1])
-            for variant, model in models.items():
-                _, seconds, timings = _run_flonnx(model, image, task, new_tokens)
-                flonnx_time[variant].add(seconds)
-                steps = max(timings["steps"] - 1, 1)
-                for stage in ("preprocess", "vision", "encoder", "first_step", "postprocess"):
-                    stages[variant][stage].add(timings.get(stage, 0.0))
-                stages[variant]["step"].add((timings["decode"] - timings["first_step"]) / steps)
-            progress(
-                f"  repeat {repeat + 1}/{options.repeats}: torch {torch_time.runs[-1]:.2f}s, "
-                + ", ".join(f"{v} {flonnx_time[v].runs[-1]:.2f}s" for v in variants)
-            )
-        report["profiles"][name] = {
-            "task": task,
-            "new_tokens": new_tokens,
-            "encoder_tokens": warm["encoder_tokens"],
-            "parity": parity,
-            "torch": torch_time.summary(),
-            "flonnx": {
-                v: {
-                    "end_to_end": flonnx_time[v].summary(),
-                    "speedup_vs_torch": torch_time.median / flonnx_time[v].median,
-                    "tokens_per_s": new_tokens / flonnx_time[v].median,
-                    "stages": {k: t.median for k, t in stages[v].items()},
-                }
-                for v in variants
-            },
-        }
+    image = _image()
+    peers: dict = {}
+    with tempfile.TemporaryDirectory(prefix="flonnx-bench-") as scratch:
+        # transformers.js gets the image already at the model's input size, resized as flonnx
+        # resizes it (PIL bicubic): Node's resize (sharp, not antialiased) would change the pixels.
+        image_file = Path(scratch) / "image.png"
+        image.resize(_input_size(folder), resample=3).save(image_file)
+        try:
+            progress(f"loading PyTorch fp32 and flonnx ({', '.join(variants)}), {threads} threads")
+            torch_side = TorchSide(checkpoint, threads)
+            models = {v: Florence2.load(folder, variant=v, threads=threads) for v in variants}
+            peers = _load_peers(options, checkpoint, folder, manifest, threads, cpu, report, progress)
+            progress("floors before the timings: sgemm, int8 GEMM, memory bandwidth")
+            rates = floors.machine_rates(threads)
+            for name in options.profiles:
+                report["profiles"][name] = _time_profile(
+                    name, options, torch_side, peers, models, image, image_file, progress
+                )
+        finally:
+            for _, side in peers.values():
+                if isinstance(side, TransformersJsSide):
+                    side.close()
 
     progress("vision encoder alone, PyTorch")
     torch_vision = Timing()
     for _ in range(options.repeats):
         torch_vision.add(torch_side.vision(image))
     report["torch_vision"] = torch_vision.summary()
+    del torch_side, peers  # PyTorch's memory back before the probes
 
-    if "detection" in options.profiles:
+    if options.beam and "detection" in options.profiles:
         task, new_tokens = PROFILES["detection"]
         progress(f"beam search: {task}, {new_tokens} tokens, num_beams={BEAMS} against greedy")
         report["beam"] = {}
@@ -378,6 +431,7 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict:
                 greedy.add(_run_flonnx(model, image, task, new_tokens)[1])
                 beam.add(_run_flonnx(model, image, task, new_tokens, beams=BEAMS)[1])
             report["beam"][variant] = {
+                "beams": BEAMS,
                 "greedy": greedy.summary(),
                 "beam": beam.summary(),
                 "cost": beam.median / greedy.median,
@@ -400,146 +454,30 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict:
         probe.update(bundle_bytes=size, rss_over_bundle=probe["peak_rss_bytes"] / size)
         report["runtime"][variant] = probe
 
-    progress("floors: matmul throughput, memory bandwidth")
-    gflops, bandwidth = matmul_gflops(threads), memory_bandwidth()
-    vision_flops = torch_side.vision_flops(image)
-    report["floors"] = {
-        "matmul_gflops": gflops,
-        "memory_gb_s": bandwidth,
-        "vision_gflop": vision_flops / 1e9,
-        "vision_floor_s": vision_flops / 1e9 / gflops,
-        "decode_step": {},
-    }
-    measured = report["profiles"].get("detection", report["profiles"].get("caption", {}))
-    for variant in variants:
-        step_bytes = decode_step_bytes(folder, manifest, variant)
-        floor = step_bytes / 1e9 / bandwidth
-        step = measured.get("flonnx", {}).get(variant, {}).get("stages", {}).get("step")
-        # Not weights, but read by every step all the same: the cross-attention K/V over the
-        # encoder output and the self-attention K/V at the measured steps' mean length.
-        cache = cache_bytes(
-            models[variant].layout, measured.get("encoder_tokens", 0), measured.get("new_tokens", 0)
-        )
-        with_cache = (step_bytes + cache) / 1e9 / bandwidth
-        report["floors"]["decode_step"][variant] = {
-            "weight_bytes": step_bytes,
-            "floor_s": floor,
-            "measured_s": step,
-            "over_floor": step / floor if step else None,
-            "cache_bytes": cache,
-            "floor_with_cache_s": with_cache,
-            "over_floor_with_cache": step / with_cache if step else None,
-        }
+    report["floors"] = _measure_floors(report, folder, manifest, models, threads, rates, progress)
+    report["targets"] = targets(report)
     return report
-
-
-def cache_bytes(layout, encoder_tokens: int, new_tokens: int) -> int:
-    """float32 K/V bytes one batch-1 decoder step reads after the first: every layer's cross-attention
-    K and V over `encoder_tokens`, and its self-attention K and V at the mean length of steps 2 to
-    `new_tokens` (the steps the bench times)."""
-    mean_length = (2 + new_tokens) / 2 if new_tokens > 1 else 0
-    return int(layout.layers * 2 * (encoder_tokens + mean_length) * layout.heads * layout.head_dim * 4)
-
-
-def markdown(report: dict) -> str:
-    lines = [
-        f"flonnx bench: `{report['size']}` random weights, {report['machine']['threads']} threads, "
-        f"{report['machine']['processor']} ({report['machine']['platform']}), "
-        f"medians of {report['repeats']} runs",
-        "",
-        "| profile | variant | end-to-end s | vs PyTorch | tokens/s | vision s | encoder s | step ms |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, profile in report["profiles"].items():
-        lines.append(
-            f"| {name} | PyTorch | {profile['torch']['median']:.2f} | 1.00x | "
-            f"{profile['new_tokens'] / profile['torch']['median']:.1f} | | | |"
-        )
-        for variant, row in profile["flonnx"].items():
-            s = row["stages"]
-            cells = [
-                name,
-                f"flonnx {variant}",
-                f"{row['end_to_end']['median']:.2f}",
-                f"{row['speedup_vs_torch']:.2f}x",
-                f"{row['tokens_per_s']:.1f}",
-                f"{s['vision']:.2f}",
-                f"{s['encoder']:.2f}",
-                f"{1000 * s['step']:.1f}",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| variant | bundle MB | peak RSS MB | RSS / bundle | process before load MB | cold start s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for variant, row in report["runtime"].items():
-        lines.append(
-            f"| {variant} | {row['bundle_bytes'] / 1e6:.0f} | {row['peak_rss_bytes'] / 1e6:.0f} | "
-            f"{row['rss_over_bundle']:.2f} | {row['runtime_import_rss_bytes'] / 1e6:.0f} | "
-            f"{row['cold_start_s']:.2f} |"
-        )
-    floors = report["floors"]
-    lines += [
-        "",
-        f"Floors: matmul {floors['matmul_gflops']:.0f} GFLOP/s, memory {floors['memory_gb_s']:.1f} GB/s; "
-        f"vision {floors['vision_gflop']:.3g} GFLOP -> {floors['vision_floor_s']:.3g} s "
-        f"(PyTorch vision {report['torch_vision']['median']:.2f} s).",
-    ]
-    for variant, row in floors["decode_step"].items():
-        over = (
-            f", measured {1000 * row['measured_s']:.1f} ms = {row['over_floor']:.2f}x floor"
-            if row["measured_s"]
-            else ""
-        )
-        lines.append(
-            f"- decode step {variant}: {row['weight_bytes'] / 1e6:.0f} MB of weights -> "
-            f"floor {1000 * row['floor_s']:.1f} ms{over}"
-        )
-        if row.get("cache_bytes"):
-            with_cache = f" = {row['over_floor_with_cache']:.2f}x" if row["measured_s"] else ""
-            lines.append(
-                f"  - with the {row['cache_bytes'] / 1e6:.0f} MB of K/V cache a step also reads: "
-                f"floor {1000 * row['floor_with_cache_s']:.1f} ms{with_cache}"
-            )
-    if "beam" in report:
-        lines += [
-            "",
-            f"Beam search (detection, num_beams={BEAMS}) against greedy: "
-            + "; ".join(
-                f"{v} {r['beam']['median']:.2f} s / {r['greedy']['median']:.2f} s = {r['cost']:.2f}x"
-                for v, r in report["beam"].items()
-            ),
-        ]
-    if "server" in report:
-        lines += [
-            "",
-            "Server profile (detection, images/s): "
-            + "; ".join(
-                f"{v}: " + ", ".join(f"batch {b} {r['images_per_s']:.2f}" for b, r in rows.items())
-                for v, rows in report["server"].items()
-            ),
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / f"bench-{report['size']}.json", out / f"bench-{report['size']}.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(markdown(report))
-    return json_path, md_path
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--size", default="base", choices=SIZES, help="model shape (default base)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (default 3)")
-    parser.add_argument("--threads", type=int, help="threads for both sides (default: physical cores)")
+    parser.add_argument("--threads", type=int, help="threads for every side (default: physical cores)")
     parser.add_argument("--cache", default="artifacts/bench/cache", help="where models and exports are kept")
     parser.add_argument("--out", default="artifacts/bench", help="where the JSON and markdown go")
     parser.add_argument("--profile", action="append", choices=list(PROFILES), help="default: all")
     parser.add_argument("--variant", action="append", help="default: fp32 and every quantized variant")
     parser.add_argument("--no-server", action="store_true", help="skip the batch 1/4/8 server profile")
+    parser.add_argument("--no-beam", action="store_true", help="skip beam search against greedy")
+    parser.add_argument(
+        "--no-transformers-js", action="store_true", help="skip the transformers.js (Node) peers"
+    )
+    parser.add_argument(
+        "--bf16",
+        default="auto",
+        metavar="auto|on|off",
+        help="the PyTorch bfloat16 peer: auto (where the CPU has avx512_bf16 or amx_bf16), on, off",
+    )
 
 
 def main(args) -> int:
@@ -552,6 +490,9 @@ def main(args) -> int:
         profiles=tuple(args.profile or PROFILES),
         variants=tuple(args.variant) if args.variant else None,
         server=not args.no_server,
+        beam=not args.no_beam,
+        transformers_js=not args.no_transformers_js,
+        bf16=args.bf16,
     )
     report = run_bench(options)
     json_path, md_path = write_report(report, options.out)

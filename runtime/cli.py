@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("flonnx.export.cli", "export", "export a Florence-2 checkpoint to a validated ONNX folder"),
     "run": ("flonnx.runtime.run_cli", "runtime", "run Florence-2 tasks on images with an export folder"),
     "eval": ("flonnx.runtime.evaluate", "runtime", "score an export folder on held-out synthetic scenes"),
-    "bench": ("flonnx.export.bench", "export", "time flonnx against PyTorch on the same random weights"),
+    "bench": ("flonnx.export.bench", "export", "time flonnx against its peers on the same random weights"),
     "quantize": (
         "flonnx.quantize.cli",
         "quantize",
