@@ -30,7 +30,7 @@ from flonnx.runtime.staging import check_out as check_writable
 
 from .graphs import Decoder, DecoderShape, EmbedTokens, TextEncoder, VisionEncoder, past_names
 from .onnxfile import save_onnx
-from .simplify import fold_reshape_shapes
+from .simplify import fold_reshape_shapes, fold_weight_identities
 
 OPSET = 17
 # Written when the checkpoint's processor has them; listed in the manifest when present.
@@ -249,11 +249,13 @@ def export_graph(spec: GraphSpec, path: Path) -> None:
 
 
 def simplify_file(path: Path) -> None:
-    """Fold the graph's run-time Reshape shapes (simplify.py) and move its weights beside it."""
+    """Fold the graph's run-time Reshape shapes and weight Identities (simplify.py) and move its
+    weights beside it."""
     import onnx
 
     model = onnx.load(str(path))
     fold_reshape_shapes(model)
+    fold_weight_identities(model)
     save_onnx(model, path)
 
 

@@ -103,3 +103,30 @@ def _remove_dead_chains(graph: onnx.GraphProto) -> None:
             return
         del graph.node[:]
         graph.node.extend(kept)
+
+
+def fold_weight_identities(model: onnx.ModelProto) -> int:
+    """Read weights directly where the exporter put an Identity in between; returns how many.
+
+    The TorchScript exporter gives a weight used more than once (the vision MLP's bands, see
+    graphs.py) one Identity per extra use, and the int8 quantizer only quantizes a MatMul whose
+    weight is an initializer: behind an Identity, those MatMuls stayed fp32.
+    """
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    outputs = {v.name for v in graph.output}
+    aliases = {
+        node.output[0]: node.input[0]
+        for node in graph.node
+        if node.op_type == "Identity" and node.input[0] in weights and node.output[0] not in outputs
+    }
+    if not aliases:
+        return 0
+    kept = [node for node in graph.node if not (node.op_type == "Identity" and node.output[0] in aliases)]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in aliases:
+                node.input[i] = aliases[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(aliases)

@@ -728,3 +728,73 @@ def test_exported_vision_changes_layout_only_around_convolutions(tiny_export_dir
     # Beside a convolution onnxruntime folds them into its NCHWc reorders. transformers switches
     # [B,C,H,W] <-> [B,N,C] four times per block half; what is left is the projector's pair.
     assert len([n.name for n in layout if not beside_a_conv(n)]) == 2
+
+
+def test_vision_stages_in_bands_equal_transformers_and_quantize_whole(
+    seed0_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A band budget small enough that the tiny model's first stages run in bands (the last
+    window band padded): the wrapper still equals transformers, and every band's MatMul reads its
+    weight directly (what the int8 quantizer needs to quantize it)."""
+    import torch
+
+    from flonnx.export import graphs
+    from flonnx.export.exporter import GraphSpec, export_graph, simplify_file
+
+    # Stage 0 at 128x128 (32x32 tokens, 64 wide): MLP bands of 8 rows, window bands of 12, 12, 8.
+    monkeypatch.setattr(graphs, "BAND_VALUES", 8 * 32 * 64)
+    pixels = torch.randn(2, 3, 128, 128)
+    wrapper = graphs.VisionEncoder(seed0_model).eval()
+    with torch.no_grad():
+        expected = seed0_model.get_image_features(pixels).pooler_output
+        torch.testing.assert_close(wrapper(pixels), expected, atol=1e-5, rtol=1e-4)
+    path = tmp_path / "vision_encoder.onnx"
+    spec = GraphSpec(
+        "vision_encoder",
+        wrapper,
+        (pixels,),
+        ["pixel_values"],
+        ["image_features"],
+        {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}},
+    )
+    export_graph(spec, path)
+    simplify_file(path)
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    # Per stage: MLP and channel attention bands 4, 2, 1 (two blocks), 1; window attention bands
+    # 3, 2, 1 (two blocks), 1. One softmax per channel attention, its scores summed over bands.
+    bands, window_bands, channel_halves = 4 + 2 + 2 + 1, 3 + 2 + 2 + 1, 5
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Erf") == 2 * bands
+    assert ops.count("Softmax") == window_bands + channel_halves
+    assert not [n for n in model.graph.node if n.op_type == "Identity" and n.input[0] in weights]
+    fc = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    # fc1 and fc2 per MLP band, qkv and proj per attention band, the projection
+    assert len(fc) == 2 * 2 * bands + 2 * (window_bands + bands) + 1
+    (features,) = session(path).run(None, {"pixel_values": pixels[:1].numpy()})
+    np.testing.assert_allclose(features, expected[:1].numpy(), atol=1e-4)
+
+
+def test_weight_identities_are_folded() -> None:
+    from onnx import helper
+
+    from flonnx.export.simplify import fold_weight_identities
+
+    weight = np.arange(4, dtype=np.float32).reshape(2, 2)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["w"], ["w_copy"]),
+            helper.make_node("MatMul", ["x", "w"], ["a"]),
+            helper.make_node("MatMul", ["x", "w_copy"], ["b"]),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert fold_weight_identities(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "MatMul", "Add"]
+    assert model.graph.node[1].input[1] == "w"
+    onnx.checker.check_model(model)
