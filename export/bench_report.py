@@ -68,45 +68,28 @@ def targets(report: dict) -> list[dict]:
                 skipped = report.get("skipped", {}).get(PEER_SKIPS.get(against, ""))
                 why = skipped or f"{against} not timed"
             rows.append(_target(f"{name}: {what}", measured, rule, goal, "x", why))
-    floors = report.get("floors", {})
-    for variant, goal, floor in (("int8", 3.0, "int8 GEMM"), ("fp32", 1.3, "sgemm")):
-        over = _get(floors, "vision", variant, "over_floor")
-        rows.append(
-            _target(
-                f"vision encoder {variant} / its {floor} floor",
-                over,
-                "<=",
-                goal,
-                "x",
-                "" if over else "not measured",
-            )
-        )
-    over = _get(floors, "decode_step", "int8", "over_floor_with_cache")
-    rows.append(
-        _target(
+    measures = (
+        # (what, where in the report, goal: at most this many times the floor)
+        ("vision encoder int8 / its int8 GEMM floor", ("floors", "vision", "int8", "over_floor"), 3.0),
+        ("vision encoder fp32 / its sgemm floor", ("floors", "vision", "fp32", "over_floor"), 1.3),
+        (
             "int8 decode step / its floor with the K/V it reads",
-            over,
-            "<=",
+            ("floors", "decode_step", "int8", "over_floor_with_cache"),
             1.2,
-            "x",
-            "" if over else "not measured",
-        )
+        ),
     )
+    for what, keys, goal in measures:
+        over = _get(report, *keys)
+        rows.append(_target(what, over, "<=", goal, "x", "" if over is not None else "not measured"))
     peak = _get(report, "runtime", "int8", "peak_rss_bytes")
+    peak_mb = peak / 1e6 if peak is not None else None
+    why = "" if peak is not None else "not measured"
     rows.append(
-        _target(
-            "int8 peak RSS (fresh process: load + two captions)",
-            peak / 1e6 if peak else None,
-            "<=",
-            PEAK_RSS_MB,
-            " MB",
-            "" if peak else "not measured",
-        )
+        _target("int8 peak RSS (fresh process: load + two captions)", peak_mb, "<=", PEAK_RSS_MB, " MB", why)
     )
     cold = _get(report, "runtime", "int8", "cold_start_s")
-    rows.append(
-        _target("int8 cold start", cold, "<=", COLD_START_S, " s", "" if cold is not None else "not measured")
-    )
+    why = "" if cold is not None else "not measured"
+    rows.append(_target("int8 cold start", cold, "<=", COLD_START_S, " s", why))
     return rows
 
 
