@@ -23,7 +23,7 @@ from flonnx.runtime.sessions import create_session, open_session, share_cpu_aren
 
 
 def write_matmul(path: Path, seed: int, width: int = 64) -> np.ndarray:
-    """y = gelu(x @ W): a graph whose activations go through the arena; returns W."""
+    """y = relu(x @ W): a graph whose activations go through the arena; returns W."""
     weight = np.random.default_rng(seed).standard_normal((width, width)).astype(np.float32)
     graph = helper.make_graph(
         [
